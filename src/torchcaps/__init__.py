@@ -1,0 +1,35 @@
+"""torchcaps: capsule networks for PyTorch.
+
+Composable modules for capsule networks (`Sabour et al. 2017
+<https://arxiv.org/abs/1710.09829>`_): :func:`squash`, :class:`Conv2dCaps`, :class:`DenseCaps`
+with a pluggable :class:`Routing` algorithm (:class:`DynamicRouting`), :class:`MarginLoss`,
+:class:`ReconstructionLoss` and :class:`MaskedDecoder`. Functional forms live in
+:mod:`torchcaps.functional`, test helpers in :mod:`torchcaps.testing`.
+"""
+
+from torchcaps import functional, routing, testing
+from torchcaps._checks import ShapeError
+from torchcaps._version import __version__
+from torchcaps.decoders import MaskedDecoder
+from torchcaps.functional import capsule_lengths, squash
+from torchcaps.layers import Conv2dCaps, DenseCaps
+from torchcaps.losses import MarginLoss, ReconstructionLoss
+from torchcaps.routing import DynamicRouting, Routing, resolve_routing
+
+__all__ = [
+    "Conv2dCaps",
+    "DenseCaps",
+    "DynamicRouting",
+    "MarginLoss",
+    "MaskedDecoder",
+    "ReconstructionLoss",
+    "Routing",
+    "ShapeError",
+    "__version__",
+    "capsule_lengths",
+    "functional",
+    "resolve_routing",
+    "routing",
+    "squash",
+    "testing",
+]

@@ -1,0 +1,297 @@
+"""Capsule layers: :class:`Conv2dCaps` (primary capsules) and :class:`DenseCaps`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, overload
+
+import torch
+from torch import Tensor, nn
+
+from torchcaps._checks import (
+    ShapeError,
+    autocast_dtype_out,
+    check_int,
+    check_tensor,
+    float32_compute,
+    no_autocast,
+    shape_str,
+)
+from torchcaps.functional import squash
+from torchcaps.routing import Routing, resolve_routing
+
+__all__ = ["Conv2dCaps", "DenseCaps"]
+
+_IntPair = int | tuple[int, int]
+
+
+def _pair(name: str, value: Any, *, minimum: int, owner: str) -> tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{owner}: {name} must be an int or a pair of ints, got {value!r}")
+        return (
+            check_int(f"{name}[0]", value[0], minimum=minimum, owner=owner),
+            check_int(f"{name}[1]", value[1], minimum=minimum, owner=owner),
+        )
+    v = check_int(name, value, minimum=minimum, owner=owner)
+    return (v, v)
+
+
+class Conv2dCaps(nn.Module):
+    r"""Convolutional capsule layer: the paper's PrimaryCaps.
+
+    A 2-D convolution with ``out_capsules * capsule_dim`` output channels whose channels are
+    grouped into ``out_capsules`` capsule types of ``capsule_dim`` dimensions at each position
+    (channel ``n * capsule_dim + d`` is dimension ``d`` of capsule type ``n``), then squashed:
+
+    .. math::
+        u_{n,h,w} = \operatorname{squash}\big(\operatorname{conv}(x)_{n,:,h,w}\big)
+
+    The input is either a feature map or a capsule grid from a previous capsule layer, whose
+    ``N`` capsules of ``D`` dimensions are read as ``N * D`` channels in the same order.
+    The paper's PrimaryCaps is ``Conv2dCaps(256, 32, 8, kernel_size=9, stride=2)``.
+
+    Args:
+        in_channels: input channels ``C`` (or ``N * D`` for a capsule grid).
+        out_capsules: number of capsule types ``N'`` per position.
+        capsule_dim: dimension ``D'`` of each output capsule.
+        kernel_size: convolution kernel size.
+        stride: convolution stride.
+        padding: zero padding on each side.
+        bias: whether the convolution has a bias (the paper's does).
+        device: device of the parameters.
+        dtype: dtype of the parameters.
+
+    Shape:
+        - Input: :math:`(B, C, H, W)` with :math:`C` = ``in_channels``, or a capsule grid
+          :math:`(B, N, H, W, D)` with :math:`N D` = ``in_channels``.
+        - Output: :math:`(B, N', H', W', D')` with :math:`N'` = ``out_capsules``,
+          :math:`D'` = ``capsule_dim`` and :math:`H', W'` as for :class:`torch.nn.Conv2d`.
+
+    Examples:
+        >>> import torch
+        >>> from torchcaps import Conv2dCaps
+        >>> primary = Conv2dCaps(256, 32, 8, kernel_size=9, stride=2)
+        >>> u = primary(torch.randn(2, 256, 20, 20))
+        >>> u.shape
+        torch.Size([2, 32, 6, 6, 8])
+        >>> bool((u.norm(dim=-1) < 1).all())
+        True
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_capsules: int,
+        capsule_dim: int,
+        kernel_size: _IntPair,
+        stride: _IntPair = 1,
+        padding: _IntPair = 0,
+        *,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        owner = "Conv2dCaps"
+        self.in_channels = check_int("in_channels", in_channels, owner=owner)
+        self.out_capsules = check_int("out_capsules", out_capsules, owner=owner)
+        self.capsule_dim = check_int("capsule_dim", capsule_dim, owner=owner)
+        self.kernel_size = _pair("kernel_size", kernel_size, minimum=1, owner=owner)
+        self.stride = _pair("stride", stride, minimum=1, owner=owner)
+        self.padding = _pair("padding", padding, minimum=0, owner=owner)
+        self.conv = nn.Conv2d(
+            in_channels,
+            out_capsules * capsule_dim,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+        )
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the convolution as :class:`torch.nn.Conv2d` does."""
+        self.conv.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, out_capsules={self.out_capsules}, "
+            f"capsule_dim={self.capsule_dim}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}"
+        )
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """Spatial size :math:`(H', W')` of the output grid for an input of ``height x width``."""
+        out = []
+        for size, k, s, p in zip((height, width), self.kernel_size, self.stride, self.padding):
+            out.append((size + 2 * p - k) // s + 1)
+        return out[0], out[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Convolve, group channels into capsules and squash them."""
+        owner = "Conv2dCaps"
+        check_tensor("input", x, owner=owner)
+        if x.dim() == 5:
+            b, n, h, w, d = x.shape
+            if n * d != self.in_channels:
+                raise ShapeError(
+                    f"{owner} expected a capsule grid (B, N, H, W, D) with N*D == in_channels "
+                    f"== {self.in_channels}, got {shape_str(x.shape)} (N*D == {n * d})"
+                )
+            x = x.permute(0, 1, 4, 2, 3).reshape(b, n * d, h, w)
+        elif x.dim() == 4:
+            if x.shape[1] != self.in_channels:
+                raise ShapeError(
+                    f"{owner} expected input of shape (B, {self.in_channels}, H, W), "
+                    f"got {shape_str(x.shape)}"
+                )
+        else:
+            raise ShapeError(
+                f"{owner} expected a feature map (B, {self.in_channels}, H, W) or a capsule grid "
+                f"(B, N, H, W, D) with N*D == {self.in_channels}, got {shape_str(x.shape)}"
+            )
+        h_out, w_out = self.output_size(x.shape[2], x.shape[3])
+        if h_out < 1 or w_out < 1:
+            raise ShapeError(
+                f"{owner}: input of spatial size {x.shape[2]}x{x.shape[3]} is smaller than the "
+                f"kernel {self.kernel_size} (padding {self.padding}); got input "
+                f"{shape_str(x.shape)}"
+            )
+        y = self.conv(x)  # (B, N*D, H', W'), any memory format
+        y = y.unflatten(1, (self.out_capsules, self.capsule_dim)).permute(0, 1, 3, 4, 2)
+        return squash(y, dim=-1)
+
+
+class DenseCaps(nn.Module):
+    r"""Fully connected capsule layer with a pluggable routing algorithm: the paper's DigitCaps.
+
+    Each pair of input capsule :math:`i` and output capsule :math:`j` has its own weight matrix
+    :math:`W_{ij}` of shape ``(out_dim, in_dim)``, giving the prediction vectors
+
+    .. math::
+        \hat{u}_{j|i} = W_{ij} u_i,
+
+    from which ``routing`` computes the outputs :math:`v_j` (by default
+    :class:`~torchcaps.DynamicRouting` with 3 iterations). All predictions are computed in one
+    batched matrix multiplication, in float32 under autocast. The paper's DigitCaps is
+    ``DenseCaps(1152, 8, 10, 16)``. The layer has no bias, as in the paper.
+
+    Args:
+        in_capsules: number of input capsules :math:`N_{in}`.
+        in_dim: dimension of each input capsule.
+        out_capsules: number of output capsules :math:`N_{out}`.
+        out_dim: dimension of each output capsule.
+        routing: a :class:`~torchcaps.routing.Routing` instance or a name (``"dynamic"``).
+        routing_kwargs: constructor arguments when ``routing`` is a name.
+        device: device of the parameters.
+        dtype: dtype of the parameters.
+
+    Shape:
+        - Input: :math:`(B, *, D_{in})` where the middle dimensions multiply to
+          :math:`N_{in}`, e.g. :math:`(B, N_{in}, D_{in})` or a
+          :class:`Conv2dCaps` grid :math:`(B, N, H, W, D_{in})`.
+        - Output: :math:`(B, N_{out}, D_{out})`; with ``return_coupling=True`` also the
+          coupling coefficients :math:`(B, N_{in}, N_{out})`.
+
+    Examples:
+        >>> import torch
+        >>> from torchcaps import DenseCaps, DynamicRouting
+        >>> digits = DenseCaps(1152, 8, 10, 16, routing=DynamicRouting(iterations=3))
+        >>> v = digits(torch.randn(2, 32, 6, 6, 8))
+        >>> v.shape
+        torch.Size([2, 10, 16])
+        >>> v, c = digits(torch.randn(2, 1152, 8), return_coupling=True)
+        >>> c.shape
+        torch.Size([2, 1152, 10])
+    """
+
+    def __init__(
+        self,
+        in_capsules: int,
+        in_dim: int,
+        out_capsules: int,
+        out_dim: int,
+        routing: str | Routing = "dynamic",
+        routing_kwargs: dict[str, Any] | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        owner = "DenseCaps"
+        self.in_capsules = check_int("in_capsules", in_capsules, owner=owner)
+        self.in_dim = check_int("in_dim", in_dim, owner=owner)
+        self.out_capsules = check_int("out_capsules", out_capsules, owner=owner)
+        self.out_dim = check_int("out_dim", out_dim, owner=owner)
+        if routing_kwargs is not None and not isinstance(routing_kwargs, dict):
+            raise TypeError(
+                f"{owner}: routing_kwargs must be a dict or None, got {type(routing_kwargs).__name__}"
+            )
+        self.routing = resolve_routing(routing, **(routing_kwargs or {}))
+        # Stored as (N_in, D_in, N_out * D_out): one batched matmul over the input capsules.
+        self.weight = nn.Parameter(
+            torch.empty(in_capsules, in_dim, out_capsules * out_dim, device=device, dtype=dtype)
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw the weights from :math:`\\mathcal{N}(0, 0.01^2)`."""
+        nn.init.normal_(self.weight, mean=0.0, std=0.01)
+
+    @property
+    def weight_matrices(self) -> Tensor:
+        r"""The weights as :math:`W_{ij}` matrices, shape ``(N_in, N_out, D_out, D_in)`` (a view)."""
+        return self.weight.unflatten(2, (self.out_capsules, self.out_dim)).permute(0, 2, 3, 1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_capsules={self.in_capsules}, in_dim={self.in_dim}, "
+            f"out_capsules={self.out_capsules}, out_dim={self.out_dim}"
+        )
+
+    def predictions(self, x: Tensor) -> Tensor:
+        r"""Prediction vectors :math:`\hat{u}_{j|i}` of shape ``(B, N_in, N_out, D_out)``.
+
+        The returned tensor is a transposed view of a ``(B, N_out, N_in, D_out)``-contiguous
+        buffer, the layout the routing reductions read fastest.
+        """
+        u = self._flatten_input(x)
+        batch = u.shape[0]
+        with no_autocast(u.device):
+            u32 = float32_compute(u)
+            w = self.weight.to(u32.dtype) if self.weight.dtype != u32.dtype else self.weight
+            # (N_in, B, D_in) @ (N_in, D_in, N_out*D_out) -> (N_in, B, N_out*D_out)
+            pred = torch.bmm(u32.transpose(0, 1), w)
+            pred = pred.view(self.in_capsules, batch, self.out_capsules, self.out_dim)
+            # -> memory layout (B, N_out, N_in, D_out), returned as a (B, N_in, N_out, D_out) view.
+            pred = pred.permute(1, 2, 0, 3).contiguous().transpose(1, 2)
+        return pred
+
+    def _flatten_input(self, x: Tensor) -> Tensor:
+        owner = "DenseCaps"
+        check_tensor("input", x, owner=owner)
+        if x.dim() < 3 or x.shape[-1] != self.in_dim or math.prod(x.shape[1:-1]) != self.in_capsules:
+            raise ShapeError(
+                f"{owner} expected {self.in_capsules} input capsules of dim {self.in_dim}, i.e. "
+                f"input of shape (B, {self.in_capsules}, {self.in_dim}) or (B, ..., {self.in_dim}) "
+                f"with middle dims multiplying to {self.in_capsules}, got input of shape "
+                f"{shape_str(x.shape)}"
+            )
+        return x.reshape(x.shape[0], self.in_capsules, self.in_dim)
+
+    @overload
+    def forward(self, x: Tensor, return_coupling: Literal[False] = ...) -> Tensor: ...
+
+    @overload
+    def forward(self, x: Tensor, return_coupling: Literal[True]) -> tuple[Tensor, Tensor]: ...
+
+    def forward(self, x: Tensor, return_coupling: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Compute the predictions and route them to the output capsules."""
+        out_dtype = autocast_dtype_out(x)
+        u_hat = self.predictions(x)
+        if return_coupling:
+            v, c = self.routing(u_hat, return_coupling=True)
+            return v.to(out_dtype), c
+        return self.routing(u_hat).to(out_dtype)

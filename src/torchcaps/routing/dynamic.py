@@ -1,0 +1,173 @@
+"""Routing by agreement (Procedure 1 of Sabour et al. 2017)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from torchcaps._checks import (
+    ShapeError,
+    check_float,
+    check_int,
+    float32_compute,
+    no_autocast,
+    shape_str,
+)
+from torchcaps.functional import squash
+from torchcaps.routing.base import Routing
+
+__all__ = ["DynamicRouting"]
+
+
+class DynamicRouting(Routing):
+    r"""Dynamic routing by agreement, exactly as Procedure 1 of
+    `Sabour et al. 2017 <https://arxiv.org/abs/1710.09829>`_.
+
+    The routing logits start at :math:`b_{ij} = 0` for every example; each of the
+    ``iterations`` rounds computes
+
+    .. math::
+        c_{ij} = \frac{\exp b_{ij}}{\sum_k \exp b_{ik}}, \qquad
+        s_j = \sum_i c_{ij} \hat{u}_{j|i}, \qquad
+        v_j = \operatorname{squash}(s_j),
+
+    and, between rounds, :math:`b_{ij} \leftarrow b_{ij} + \hat{u}_{j|i} \cdot v_j`. The softmax
+    runs over the *parents* :math:`j`, so each child distributes its output among the parents.
+    ``iterations=1`` therefore means uniform coupling :math:`c_{ij} = 1/N_{out}` and no update;
+    the paper's best MNIST model uses 3.
+
+    **Gradients.** By default (``stop_gradient=False``, as in the paper's official code)
+    gradients flow through every round: through the coupling coefficients into
+    :math:`\hat{u}` as well as through the final weighted sum. With ``stop_gradient=True`` the
+    rounds before the last see :math:`\hat{u}` detached, so the coupling coefficients are
+    treated as constants and gradients reach :math:`\hat{u}` only through the final
+    :math:`s_j`, a choice several reimplementations make silently.
+
+    **Learned priors.** ``learned_prior=(N_in, N_out)`` adds a learned parameter ``log_prior``
+    (initialised to zero) that the logits start from instead of zero, shared across the batch.
+    This is the behaviour of the project this library replaces; the paper has none, so it is off
+    by default.
+
+    Routing runs in float32 (autocast disabled) for half-precision inputs and returns the
+    input's dtype.
+
+    Args:
+        iterations: number of routing rounds :math:`r \geq 1`.
+        stop_gradient: detach :math:`\hat{u}` in the rounds before the last.
+        learned_prior: ``(in_capsules, out_capsules)`` to learn the initial logits, or ``None``.
+        eps: ``eps`` of :func:`~torchcaps.squash`.
+        device: device of ``log_prior``.
+        dtype: dtype of ``log_prior``.
+
+    Shape:
+        - u_hat: :math:`(B, N_{in}, N_{out}, D_{out})`.
+        - Output ``v``: :math:`(B, N_{out}, D_{out})`.
+        - Output ``c`` (with ``return_coupling=True``): :math:`(B, N_{in}, N_{out})`.
+
+    Examples:
+        >>> import torch
+        >>> from torchcaps import DynamicRouting
+        >>> routing = DynamicRouting(iterations=3)
+        >>> v, c = routing(torch.randn(2, 1152, 10, 16), return_coupling=True)
+        >>> v.shape, c.shape
+        (torch.Size([2, 10, 16]), torch.Size([2, 1152, 10]))
+        >>> bool(torch.allclose(c.sum(dim=-1), torch.ones(2, 1152)))
+        True
+        >>> c1 = DynamicRouting(iterations=1)(torch.randn(2, 6, 4, 8), return_coupling=True)[1]
+        >>> bool((c1 == 0.25).all())
+        True
+    """
+
+    log_prior: Tensor | None
+
+    def __init__(
+        self,
+        iterations: int = 3,
+        *,
+        stop_gradient: bool = False,
+        learned_prior: tuple[int, int] | None = None,
+        eps: float = 1e-12,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.iterations = check_int("iterations", iterations, minimum=1, owner="DynamicRouting")
+        if not isinstance(stop_gradient, bool):
+            raise TypeError(
+                f"DynamicRouting: stop_gradient must be a bool, got {type(stop_gradient).__name__}"
+            )
+        self.stop_gradient = stop_gradient
+        self.eps = check_float("eps", eps, minimum=0.0, strict_min=True, owner="DynamicRouting")
+        if learned_prior is None:
+            self.register_parameter("log_prior", None)
+        else:
+            if not isinstance(learned_prior, (tuple, list)) or len(learned_prior) != 2:
+                raise TypeError(
+                    "DynamicRouting: learned_prior must be a pair (in_capsules, out_capsules) "
+                    f"or None, got {learned_prior!r}"
+                )
+            n_in = check_int("learned_prior[0]", learned_prior[0], owner="DynamicRouting")
+            n_out = check_int("learned_prior[1]", learned_prior[1], owner="DynamicRouting")
+            self.log_prior = nn.Parameter(torch.empty(n_in, n_out, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Reset the learned log-prior (if any) to zero, i.e. uniform initial coupling."""
+        if self.log_prior is not None:
+            nn.init.zeros_(self.log_prior)
+
+    def extra_repr(self) -> str:
+        s = f"iterations={self.iterations}"
+        if self.stop_gradient:
+            s += ", stop_gradient=True"
+        if self.log_prior is not None:
+            s += f", learned_prior={tuple(self.log_prior.shape)}"
+        return s
+
+    def check_input(self, u_hat: Tensor) -> None:
+        super().check_input(u_hat)
+        if self.log_prior is not None and tuple(u_hat.shape[1:3]) != tuple(self.log_prior.shape):
+            raise ShapeError(
+                f"DynamicRouting with learned_prior={tuple(self.log_prior.shape)} expected u_hat "
+                f"of shape (B, {self.log_prior.shape[0]}, {self.log_prior.shape[1]}, D_out), "
+                f"got {shape_str(u_hat.shape)}"
+            )
+
+    def route(self, u_hat: Tensor) -> tuple[Tensor, Tensor]:
+        x = float32_compute(u_hat)
+        with no_autocast(x.device):
+            # Work in a (B, N_out, N_in, D) layout: both routing contractions are then plain
+            # batched matmuls over contiguous memory. DenseCaps produces u_hat in this memory
+            # layout already, so the transpose + contiguous is free there.
+            u = x.transpose(1, 2).contiguous()
+            v, c = self._route(u)
+        return v.to(u_hat.dtype), c.transpose(1, 2).to(u_hat.dtype)
+
+    def _route(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        batch, n_out, n_in, dim = u.shape
+        # Flatten (B, N_out) into one batch dimension: both contractions become torch.bmm
+        # calls on views, with no broadcast/expand in the autograd graph.
+        u3 = u.view(batch * n_out, n_in, dim)
+        u3_inner = u3.detach() if self.stop_gradient else u3
+        b: Tensor | None = None  # routing logits, laid out (B, N_out, N_in)
+        if self.log_prior is not None:
+            prior = self.log_prior.to(u.dtype).t()  # (N_out, N_in)
+            b = prior.unsqueeze(0).expand(batch, n_out, n_in)
+        c: Tensor | None = None
+        v = u.new_empty(0)
+        for r in range(self.iterations):
+            last = r == self.iterations - 1
+            uu = u3 if last else u3_inner
+            if b is None:
+                c = None  # uniform coupling 1 / N_out: a scaled sum over the children
+                s = uu.sum(dim=1) * (1.0 / n_out)  # (B*N_out, D)
+            else:
+                c = torch.softmax(b, dim=1)  # over the parents j
+                s = torch.bmm(c.reshape(batch * n_out, 1, n_in), uu).squeeze(1)
+            v = squash(s, dim=-1, eps=self.eps)
+            if not last:
+                agreement = torch.bmm(uu, v.unsqueeze(-1)).view(batch, n_out, n_in)
+                b = agreement if b is None else b + agreement
+        if c is None:
+            c = u.new_full((batch, n_out, n_in), 1.0 / n_out)
+        return v.view(batch, n_out, dim), c
