@@ -94,58 +94,151 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     # Flags of the original project (underscore and dashed spellings).
-    p.add_argument("--batch-size", "--batch_size", type=int, default=128, metavar="N",
-                   help="training batch size (global, across all processes)")
-    p.add_argument("--test-batch-size", "--test_batch_size", type=int, default=1000, metavar="N",
-                   help="evaluation batch size")
+    p.add_argument(
+        "--batch-size",
+        "--batch_size",
+        type=int,
+        default=128,
+        metavar="N",
+        help="training batch size (global, across all processes)",
+    )
+    p.add_argument(
+        "--test-batch-size",
+        "--test_batch_size",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="evaluation batch size",
+    )
     p.add_argument("--epochs", type=int, default=30, metavar="N", help="number of epochs")
     p.add_argument("--lr", type=float, default=0.001, help="Adam learning rate")
-    p.add_argument("--lr-decay", "--lr_decay", type=float, default=0.9,
-                   help="learning rate multiplier applied after every epoch (ExponentialLR)")
-    p.add_argument("--no-cuda", "--no_cuda", action="store_true",
-                   help="never use CUDA (same as --device cpu)")
+    p.add_argument(
+        "--lr-decay",
+        "--lr_decay",
+        type=float,
+        default=0.9,
+        help="learning rate multiplier applied after every epoch (ExponentialLR)",
+    )
+    p.add_argument(
+        "--no-cuda", "--no_cuda", action="store_true", help="never use CUDA (same as --device cpu)"
+    )
     p.add_argument("--seed", type=int, default=1, help="random seed")
-    p.add_argument("--log-interval", "--log_interval", type=int, default=10, metavar="N",
-                   help="batches between progress updates (the only host syncs of an epoch)")
-    p.add_argument("--routing_iterations", "--routing-iterations", type=int, default=3,
-                   help="routing iterations r of DynamicRouting (the paper's Procedure 1)")
+    p.add_argument(
+        "--log-interval",
+        "--log_interval",
+        type=int,
+        default=10,
+        metavar="N",
+        help="batches between progress updates (the only host syncs of an epoch)",
+    )
+    p.add_argument(
+        "--routing_iterations",
+        "--routing-iterations",
+        type=int,
+        default=3,
+        help="routing iterations r of DynamicRouting (the paper's Procedure 1)",
+    )
     recon = p.add_mutually_exclusive_group()
-    recon.add_argument("--with_reconstruction", "--with-reconstruction", dest="reconstruction",
-                       action="store_true", default=True,
-                       help="train with the reconstruction decoder (the default)")
-    recon.add_argument("--no-reconstruction", "--no_reconstruction", dest="reconstruction",
-                       action="store_false", help="train without the decoder")
+    recon.add_argument(
+        "--with_reconstruction",
+        "--with-reconstruction",
+        dest="reconstruction",
+        action="store_true",
+        default=True,
+        help="train with the reconstruction decoder (the default)",
+    )
+    recon.add_argument(
+        "--no-reconstruction",
+        "--no_reconstruction",
+        dest="reconstruction",
+        action="store_false",
+        help="train without the decoder",
+    )
     # New flags.
-    p.add_argument("--data-dir", "--data_dir", type=Path, default=None,
-                   help="MNIST root in torchvision layout (<dir>/MNIST/raw/...); "
-                        "default ./data, falling back to the embedded sample when absent")
-    p.add_argument("--no-download", "--no_download", action="store_true",
-                   help="never download MNIST")
-    p.add_argument("--embedded-sample", "--embedded_sample", action="store_true",
-                   help="use the embedded 5,000/1,000-digit MNIST sample (not the full dataset)")
-    p.add_argument("--device", default="auto",
-                   help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
-    p.add_argument("--out-dir", "--out_dir", type=Path, default=Path("runs/mnist_capsnet"),
-                   help="the run's folder: metrics.jsonl, config.json, last.pt, best.pt")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from <out-dir>/last.pt (model, optimiser, schedule, RNG, epoch)")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
-                   help="autocast precision of convolutions and decoder (routing stays float32); "
-                        "fp16 needs CUDA")
+    p.add_argument(
+        "--data-dir",
+        "--data_dir",
+        type=Path,
+        default=None,
+        help="MNIST root in torchvision layout (<dir>/MNIST/raw/...); "
+        "default ./data, falling back to the embedded sample when absent",
+    )
+    p.add_argument(
+        "--no-download", "--no_download", action="store_true", help="never download MNIST"
+    )
+    p.add_argument(
+        "--embedded-sample",
+        "--embedded_sample",
+        action="store_true",
+        help="use the embedded 5,000/1,000-digit MNIST sample (not the full dataset)",
+    )
+    p.add_argument(
+        "--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."
+    )
+    p.add_argument(
+        "--out-dir",
+        "--out_dir",
+        type=Path,
+        default=Path("runs/mnist_capsnet"),
+        help="the run's folder: metrics.jsonl, config.json, last.pt, best.pt",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from <out-dir>/last.pt (model, optimiser, schedule, RNG, epoch)",
+    )
+    p.add_argument(
+        "--amp",
+        choices=("none", "bf16", "fp16"),
+        default="none",
+        help="autocast precision of convolutions and decoder (routing stays float32); "
+        "fp16 needs CUDA",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--channels-last", "--channels_last", choices=("auto", "yes", "no"),
-                   default="auto", help="channels_last memory format for the convolutions (auto: yes; "
-                        "measured faster on CPU and GPU)")
-    p.add_argument("--max-train-samples", "--max_train_samples", type=int, default=None,
-                   metavar="N", help="use only the first N training images (smoke runs)")
-    p.add_argument("--max-test-samples", "--max_test_samples", type=int, default=None,
-                   metavar="N", help="use only the first N test images (smoke runs)")
-    p.add_argument("--recon-weight", "--recon_weight", type=float, default=0.0005,
-                   help="weight of the per-image sum of squared pixel errors (the paper's 0.0005)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads on CPU (default: leave PyTorch's choice)")
-    p.add_argument("--max-steps", "--max_steps", type=int, default=None,
-                   help="stop each epoch after N steps (smoke runs and tests)")
+    p.add_argument(
+        "--channels-last",
+        "--channels_last",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="channels_last memory format for the convolutions (auto: yes; "
+        "measured faster on CPU and GPU)",
+    )
+    p.add_argument(
+        "--max-train-samples",
+        "--max_train_samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use only the first N training images (smoke runs)",
+    )
+    p.add_argument(
+        "--max-test-samples",
+        "--max_test_samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use only the first N test images (smoke runs)",
+    )
+    p.add_argument(
+        "--recon-weight",
+        "--recon_weight",
+        type=float,
+        default=0.0005,
+        help="weight of the per-image sum of squared pixel errors (the paper's 0.0005)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads on CPU (default: leave PyTorch's choice)",
+    )
+    p.add_argument(
+        "--max-steps",
+        "--max_steps",
+        type=int,
+        default=None,
+        help="stop each epoch after N steps (smoke runs and tests)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar, only epoch lines")
     return p
 
@@ -256,7 +349,9 @@ def _download(root: Path) -> None:
     try:
         from torchvision.datasets import MNIST
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise DataError("downloading MNIST needs torchvision: pip install torchcaps[examples]") from exc
+        raise DataError(
+            "downloading MNIST needs torchvision: pip install torchcaps[examples]"
+        ) from exc
     for train in (True, False):
         MNIST(str(root), train=train, download=True)
 
@@ -276,7 +371,7 @@ def load_mnist(args: argparse.Namespace, log: Any = print) -> MNISTData:
             try:
                 _download(root)
                 error = ""
-            except Exception as exc:  # noqa: BLE001 - any network/IO failure
+            except Exception as exc:
                 error = f"download failed ({type(exc).__name__}: {str(exc).splitlines()[0]})"
         if error:
             if explicit:
@@ -285,10 +380,12 @@ def load_mnist(args: argparse.Namespace, log: Any = print) -> MNISTData:
                     f"{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte, but {error}"
                 )
             bar = "!" * 78
-            log(f"{bar}\n!! MNIST is not available under ./data ({error}).\n"
+            log(
+                f"{bar}\n!! MNIST is not available under ./data ({error}).\n"
                 f"!! Falling back to the EMBEDDED SAMPLE: 5,000 training and 1,000 test digits.\n"
                 f"!! This is NOT the full dataset; its accuracy says nothing about the paper's.\n"
-                f"!! Pass --data-dir DIR (torchvision layout) for the real run.\n{bar}")
+                f"!! Pass --data-dir DIR (torchvision layout) for the real run.\n{bar}"
+            )
             return load_embedded()
     raw = root / "MNIST" / "raw"
     _check_full_files(raw)
@@ -305,8 +402,9 @@ def random_shift(images: Tensor, max_shift: int, generator: torch.Generator) -> 
     """
     b, h, w = images.shape
     padded = F.pad(images, (max_shift, max_shift, max_shift, max_shift))
-    offsets = torch.randint(0, 2 * max_shift + 1, (2, b), generator=generator,
-                            device=generator.device).to(images.device)
+    offsets = torch.randint(
+        0, 2 * max_shift + 1, (2, b), generator=generator, device=generator.device
+    ).to(images.device)
     rows = (offsets[0].unsqueeze(1) + torch.arange(h, device=images.device)).unsqueeze(2)
     cols = (offsets[1].unsqueeze(1) + torch.arange(w, device=images.device)).unsqueeze(1)
     batch_index = torch.arange(b, device=images.device).view(b, 1, 1)
@@ -402,7 +500,7 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
+    except Exception as exc:
         raise CheckpointError(
             f"checkpoint {path} cannot be loaded safely (truncated, corrupt, or it holds objects "
             f"other than tensors and plain containers): {type(exc).__name__}: "
@@ -524,17 +622,24 @@ class Trainer:
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=steps, desc=f"epoch {self.epoch + 1}", leave=False, unit="batch",
-                       dynamic_ncols=True)
+            bar = tqdm(
+                total=steps,
+                desc=f"epoch {self.epoch + 1}",
+                leave=False,
+                unit="batch",
+                dynamic_ncols=True,
+            )
         total = torch.zeros((), device=self.device)
         seen = 0
         start = time.perf_counter()
-        for step, idx in enumerate(train_batches(n, args.batch_size, self.generator,
-                                                 self.dist.rank, self.dist.world)):
+        for step, idx in enumerate(
+            train_batches(n, args.batch_size, self.generator, self.dist.rank, self.dist.world)
+        ):
             if step >= steps:
                 break
-            images = to_input(random_shift(self.train_images[idx], 2, self.generator),
-                              self.memory_format)
+            images = to_input(
+                random_shift(self.train_images[idx], 2, self.generator), self.memory_format
+            )
             labels = self.train_labels[idx]
             loss, _ = self.loss(images, labels, train=True)
             self.optimizer.zero_grad(set_to_none=True)
@@ -548,8 +653,11 @@ class Trainer:
                     bar.update(step + 1 - bar.n)
                     bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
                 elif not args.quiet and self.dist.main:
-                    self.log(f"  epoch {self.epoch + 1} [{(step + 1) * args.batch_size}/{n}] "
-                             f"loss {float(loss.detach()):.5f}", flush=True)
+                    self.log(
+                        f"  epoch {self.epoch + 1} [{(step + 1) * args.batch_size}/{n}] "
+                        f"loss {float(loss.detach()):.5f}",
+                        flush=True,
+                    )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
@@ -563,8 +671,12 @@ class Trainer:
             dist.all_reduce(t)
             train_loss = float(t) / self.dist.world
         images_per_second = seen * args.batch_size / seconds if seconds > 0 else float("nan")
-        return {"train_loss": train_loss, "epoch_seconds": seconds,
-                "train_images_per_second": images_per_second, "train_steps": seen}
+        return {
+            "train_loss": train_loss,
+            "epoch_seconds": seconds,
+            "train_images_per_second": images_per_second,
+            "train_steps": seen,
+        }
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -574,17 +686,22 @@ class Trainer:
         n = self.test_images.shape[0]
         start = time.perf_counter()
         for s in range(0, n, self.args.test_batch_size):
-            images = to_input(self.test_images[s : s + self.args.test_batch_size],
-                              self.memory_format)
+            images = to_input(
+                self.test_images[s : s + self.args.test_batch_size], self.memory_format
+            )
             labels = self.test_labels[s : s + self.args.test_batch_size]
             loss, lengths = self.loss(images, labels, train=False)
             total_loss += loss.double() * labels.shape[0]
             correct += (lengths.argmax(dim=1) == labels).sum()
         seconds = time.perf_counter() - start
         correct_i = int(correct)
-        return {"test_loss": float(total_loss) / n, "test_accuracy": 100.0 * correct_i / n,
-                "test_errors": n - correct_i, "test_samples": n,
-                "test_images_per_second": n / seconds if seconds > 0 else float("nan")}
+        return {
+            "test_loss": float(total_loss) / n,
+            "test_accuracy": 100.0 * correct_i / n,
+            "test_errors": n - correct_i,
+            "test_samples": n,
+            "test_images_per_second": n / seconds if seconds > 0 else float("nan"),
+        }
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -635,18 +752,29 @@ def _run(args: argparse.Namespace, log: Any, dist_info: Dist) -> list[dict[str, 
         log(f"resumed from {out / 'last.pt'} at epoch {trainer.epoch}")
     elif dist_info.main and metrics_path.exists():
         metrics_path.unlink()
-    device_name = (torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda"
-                   else platform.processor() or platform.machine())
+    device_name = (
+        torch.cuda.get_device_name(trainer.device)
+        if trainer.device.type == "cuda"
+        else platform.processor() or platform.machine()
+    )
     if dist_info.main:
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        config.update(torch_version=torch.__version__, device=str(trainer.device),
-                      device_name=device_name, data=trainer.data_source,
-                      world_size=dist_info.world, num_threads=torch.get_num_threads(),
-                      num_parameters=trainer.num_parameters, python=platform.python_version())
+        config.update(
+            torch_version=torch.__version__,
+            device=str(trainer.device),
+            device_name=device_name,
+            data=trainer.data_source,
+            world_size=dist_info.world,
+            num_threads=torch.get_num_threads(),
+            num_parameters=trainer.num_parameters,
+            python=platform.python_version(),
+        )
         _write_json(out / "config.json", config)
-    log(f"CapsNet: {trainer.num_parameters:,} parameters ({trainer.num_parameters / 1e6:.1f}M); "
+    log(
+        f"CapsNet: {trainer.num_parameters:,} parameters ({trainer.num_parameters / 1e6:.1f}M); "
         f"device {trainer.device} ({device_name}); data: {trainer.data_source}; "
-        f"{trainer.train_images.shape[0]} train / {trainer.test_images.shape[0]} test images")
+        f"{trainer.train_images.shape[0]} train / {trainer.test_images.shape[0]} test images"
+    )
     progress = sys.stderr.isatty() and not args.quiet and dist_info.main
     history = []
     while trainer.epoch < args.epochs:
@@ -668,10 +796,13 @@ def _run(args: argparse.Namespace, log: Any, dist_info: Dist) -> list[dict[str, 
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         history.append(record)
-        log(f"epoch {trainer.epoch:3d}  train loss {tr['train_loss']:.5f}  "
+        log(
+            f"epoch {trainer.epoch:3d}  train loss {tr['train_loss']:.5f}  "
             f"test loss {ev['test_loss']:.5f}  test acc {ev['test_accuracy']:.2f}% "
             f"({ev['test_errors']}/{ev['test_samples']} errors)  "
-            f"{tr['train_images_per_second']:.0f} img/s  {tr['epoch_seconds']:.1f} s", flush=True)
+            f"{tr['train_images_per_second']:.0f} img/s  {tr['epoch_seconds']:.1f} s",
+            flush=True,
+        )
     return history
 
 

@@ -27,7 +27,7 @@ class ShapeError(ValueError):
 
 def shape_str(shape: Sequence[int]) -> str:
     """Format a shape as ``(2, 3, 4)``."""
-    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+    return str(tuple(int(s) for s in shape))
 
 
 def is_compiling() -> bool:
@@ -88,7 +88,9 @@ def check_index_tensor(name: str, x: Any, *, owner: str) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(x).__name__}")
     if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
-        raise TypeError(f"{owner}: {name} of class indices must be an integer tensor, got {x.dtype}")
+        raise TypeError(
+            f"{owner}: {name} of class indices must be an integer tensor, got {x.dtype}"
+        )
     return x
 
 

@@ -65,7 +65,9 @@ class MaskedDecoder(nn.Module):
         if isinstance(out_shape, int) and not isinstance(out_shape, bool):
             out_shape = (out_shape,)
         if not isinstance(out_shape, Sequence) or len(out_shape) == 0:
-            raise TypeError(f"{owner}: out_shape must be an int or a non-empty tuple of ints, got {out_shape!r}")
+            raise TypeError(
+                f"{owner}: out_shape must be an int or a non-empty tuple of ints, got {out_shape!r}"
+            )
         self.out_shape = tuple(
             check_int(f"out_shape[{i}]", s, owner=owner) for i, s in enumerate(out_shape)
         )
@@ -75,7 +77,10 @@ class MaskedDecoder(nn.Module):
         sizes = (num_capsules * capsule_dim, *self.hidden)
         layers: list[nn.Module] = []
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-            layers += [nn.Linear(fan_in, fan_out, device=device, dtype=dtype), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Linear(fan_in, fan_out, device=device, dtype=dtype),
+                nn.ReLU(inplace=True),
+            ]
         layers += [nn.Linear(sizes[-1], math.prod(self.out_shape), device=device, dtype=dtype)]
         layers += [nn.Sigmoid()]
         self.net = nn.Sequential(*layers)
@@ -101,6 +106,6 @@ class MaskedDecoder(nn.Module):
                 f"{owner} expected v of shape (B, {self.num_capsules}, {self.capsule_dim}), "
                 f"got {shape_str(v.shape)}"
             )
-        masked = mask_capsules(v, target)
+        masked = mask_capsules(v, target, _owner=owner)
         out = self.net(masked.flatten(1))
         return out.view(v.shape[0], *self.out_shape)

@@ -172,6 +172,8 @@ def margin_loss(
     m_neg: float = 0.1,
     lambda_: float = 0.5,
     reduction: str = "mean",
+    *,
+    _owner: str = "margin_loss",
 ) -> Tensor:
     r"""Margin loss of the paper (eq. 4), summed over classes per sample.
 
@@ -202,12 +204,10 @@ def margin_loss(
         >>> margin_loss(lengths, torch.tensor([0, 1]), reduction="none")
         tensor([0.0000, 0.1500])
     """
-    owner = "margin_loss"
+    owner = _owner
     check_tensor("lengths", lengths, owner=owner)
     if lengths.dim() != 2:
-        raise ShapeError(
-            f"{owner}: lengths must have shape (B, K), got {shape_str(lengths.shape)}"
-        )
+        raise ShapeError(f"{owner}: lengths must have shape (B, K), got {shape_str(lengths.shape)}")
     check_float("m_pos", m_pos, owner=owner)
     check_float("m_neg", m_neg, owner=owner)
     check_float("lambda_", lambda_, minimum=0.0, owner=owner)
@@ -221,7 +221,9 @@ def margin_loss(
     return _reduce(loss, reduction, owner=owner).to(lengths.dtype)
 
 
-def mask_capsules(v: Tensor, target: Tensor | None = None) -> Tensor:
+def mask_capsules(
+    v: Tensor, target: Tensor | None = None, *, _owner: str = "mask_capsules"
+) -> Tensor:
     r"""Zero every capsule but one per sample (the decoder's input mask).
 
     Args:
@@ -245,7 +247,7 @@ def mask_capsules(v: Tensor, target: Tensor | None = None) -> Tensor:
         tensor([[[0.1000, 0.0000],
                  [0.0000, 0.0000]]])
     """
-    owner = "mask_capsules"
+    owner = _owner
     check_tensor("v", v, owner=owner)
     if v.dim() != 3:
         raise ShapeError(f"{owner}: v must have shape (B, K, D), got {shape_str(v.shape)}")
@@ -254,7 +256,9 @@ def mask_capsules(v: Tensor, target: Tensor | None = None) -> Tensor:
         index = torch.linalg.vector_norm(float32_compute(v), dim=-1).argmax(dim=-1)
     else:
         if not isinstance(target, Tensor):
-            raise TypeError(f"{owner}: target must be a torch.Tensor or None, got {type(target).__name__}")
+            raise TypeError(
+                f"{owner}: target must be a torch.Tensor or None, got {type(target).__name__}"
+            )
         if tuple(target.shape) != (batch,):
             raise ShapeError(
                 f"{owner}: target must have shape ({batch},) for v of shape "
@@ -268,7 +272,12 @@ def mask_capsules(v: Tensor, target: Tensor | None = None) -> Tensor:
 
 
 def reconstruction_loss(
-    reconstruction: Tensor, target: Tensor, weight: float = 0.0005, reduction: str = "mean"
+    reconstruction: Tensor,
+    target: Tensor,
+    weight: float = 0.0005,
+    reduction: str = "mean",
+    *,
+    _owner: str = "reconstruction_loss",
 ) -> Tensor:
     r"""Weighted per-image *sum* of squared errors, as in the paper.
 
@@ -298,7 +307,7 @@ def reconstruction_loss(
         >>> reconstruction_loss(torch.ones(2, 1, 28, 28), x)  # 0.0005 * 784
         tensor(0.3920)
     """
-    owner = "reconstruction_loss"
+    owner = _owner
     check_tensor("reconstruction", reconstruction, owner=owner)
     check_tensor("target", target, owner=owner)
     if reconstruction.dim() < 1:

@@ -227,7 +227,8 @@ class DenseCaps(nn.Module):
         self.out_dim = check_int("out_dim", out_dim, owner=owner)
         if routing_kwargs is not None and not isinstance(routing_kwargs, dict):
             raise TypeError(
-                f"{owner}: routing_kwargs must be a dict or None, got {type(routing_kwargs).__name__}"
+                f"{owner}: routing_kwargs must be a dict or None, "
+                f"got {type(routing_kwargs).__name__}"
             )
         self.routing = resolve_routing(routing, **(routing_kwargs or {}))
         # Stored as (N_in, D_in, N_out * D_out): one batched matmul over the input capsules.
@@ -237,12 +238,12 @@ class DenseCaps(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Draw the weights from :math:`\\mathcal{N}(0, 0.01^2)`."""
+        r"""Draw the weights from :math:`\mathcal{N}(0, 0.01^2)`."""
         nn.init.normal_(self.weight, mean=0.0, std=0.01)
 
     @property
     def weight_matrices(self) -> Tensor:
-        r"""The weights as :math:`W_{ij}` matrices, shape ``(N_in, N_out, D_out, D_in)`` (a view)."""
+        r"""The weights as :math:`W_{ij}` matrices of shape ``(N_in, N_out, D_out, D_in)``."""
         return self.weight.unflatten(2, (self.out_capsules, self.out_dim)).permute(0, 2, 3, 1)
 
     def extra_repr(self) -> str:
@@ -272,7 +273,11 @@ class DenseCaps(nn.Module):
     def _flatten_input(self, x: Tensor) -> Tensor:
         owner = "DenseCaps"
         check_tensor("input", x, owner=owner)
-        if x.dim() < 3 or x.shape[-1] != self.in_dim or math.prod(x.shape[1:-1]) != self.in_capsules:
+        if (
+            x.dim() < 3
+            or x.shape[-1] != self.in_dim
+            or math.prod(x.shape[1:-1]) != self.in_capsules
+        ):
             raise ShapeError(
                 f"{owner} expected {self.in_capsules} input capsules of dim {self.in_dim}, i.e. "
                 f"input of shape (B, {self.in_capsules}, {self.in_dim}) or (B, ..., {self.in_dim}) "

@@ -19,8 +19,10 @@ def _check_reduction(reduction: str, owner: str) -> str:
 
 
 class MarginLoss(nn.Module):
-    r"""Margin loss on capsule lengths (eq. 4 of `Sabour et al. 2017
-    <https://arxiv.org/abs/1710.09829>`_); see :func:`torchcaps.functional.margin_loss`.
+    r"""Margin loss on capsule lengths (eq. 4 of the paper).
+
+    See :func:`torchcaps.functional.margin_loss` and
+    `Sabour et al. 2017 <https://arxiv.org/abs/1710.09829>`_.
 
     .. math::
         L = \sum_k T_k \max(0, m^+ - \ell_k)^2
@@ -65,12 +67,21 @@ class MarginLoss(nn.Module):
 
     def forward(self, lengths: Tensor, target: Tensor) -> Tensor:
         """Compute the loss of ``lengths`` against ``target``."""
-        return margin_loss(lengths, target, self.m_pos, self.m_neg, self.lambda_, self.reduction)
+        return margin_loss(
+            lengths,
+            target,
+            self.m_pos,
+            self.m_neg,
+            self.lambda_,
+            self.reduction,
+            _owner="MarginLoss",
+        )
 
 
 class ReconstructionLoss(nn.Module):
-    r"""Weighted per-image sum of squared errors; see
-    :func:`torchcaps.functional.reconstruction_loss`.
+    r"""Weighted per-image sum of squared errors (the paper's reconstruction loss).
+
+    See :func:`torchcaps.functional.reconstruction_loss`.
 
     .. math::
         L_{rec} = w \sum_p (\hat{x}_p - x_p)^2
@@ -101,4 +112,6 @@ class ReconstructionLoss(nn.Module):
 
     def forward(self, reconstruction: Tensor, target: Tensor) -> Tensor:
         """Compute the weighted reconstruction error."""
-        return reconstruction_loss(reconstruction, target, self.weight, self.reduction)
+        return reconstruction_loss(
+            reconstruction, target, self.weight, self.reduction, _owner="ReconstructionLoss"
+        )

@@ -74,7 +74,9 @@ def assert_routing_contract(
 
     v, v2, c = _call(routing, u_hat)
     if tuple(v.shape) != (batch, out_capsules, dim):
-        raise AssertionError(f"{name}: v must have shape {(batch, out_capsules, dim)}, got {tuple(v.shape)}")
+        raise AssertionError(
+            f"{name}: v must have shape {(batch, out_capsules, dim)}, got {tuple(v.shape)}"
+        )
     if v.dtype != u_hat.dtype:
         raise AssertionError(f"{name}: v must have u_hat's dtype {u_hat.dtype}, got {v.dtype}")
     if not bool(torch.isfinite(v).all()):
@@ -88,13 +90,18 @@ def assert_routing_contract(
     if bool((c < -atol).any()):
         raise AssertionError(f"{name}: coupling coefficients must be >= 0")
     ones = torch.ones(batch, in_capsules, dtype=c.dtype, device=c.device)
-    if not torch.allclose(c.sum(dim=-1), ones, atol=max(atol, 1e-3 if dtype != torch.float64 else atol)):
+    if not torch.allclose(
+        c.sum(dim=-1), ones, atol=max(atol, 1e-3 if dtype != torch.float64 else atol)
+    ):
         raise AssertionError(f"{name}: coupling coefficients must sum to 1 over the parents")
 
     for k in range(batch):
         v_k = routing(u_hat[k : k + 1])
         if not torch.allclose(v_k[0], v[k], atol=atol * 10, rtol=1e-4):
-            raise AssertionError(f"{name}: example {k} routed alone differs from the batch: batch elements must be independent")
+            raise AssertionError(
+                f"{name}: example {k} routed alone differs from the batch: "
+                "batch elements must be independent"
+            )
 
     (grad,) = torch.autograd.grad(v.square().sum(), u_hat, allow_unused=True)
     if grad is None:
@@ -110,7 +117,7 @@ def assert_routing_contract(
             routing(bad)
         except (ValueError, TypeError):
             continue
-        except Exception as exc:  # noqa: BLE001 - report which exception type leaked
+        except Exception as exc:
             raise AssertionError(
                 f"{name}: {what} must raise ValueError/TypeError, got {type(exc).__name__}: {exc}"
             ) from exc

@@ -63,7 +63,9 @@ class Routing(nn.Module):
     @overload
     def forward(self, u_hat: Tensor, return_coupling: Literal[True]) -> tuple[Tensor, Tensor]: ...
 
-    def forward(self, u_hat: Tensor, return_coupling: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(
+        self, u_hat: Tensor, return_coupling: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Route ``u_hat``; return ``v``, or ``(v, c)`` when ``return_coupling`` is true."""
         self.check_input(u_hat)
         v, c = self.route(u_hat)

@@ -20,8 +20,9 @@ __all__ = ["DynamicRouting"]
 
 
 class DynamicRouting(Routing):
-    r"""Dynamic routing by agreement, exactly as Procedure 1 of
-    `Sabour et al. 2017 <https://arxiv.org/abs/1710.09829>`_.
+    r"""Dynamic routing by agreement, exactly as Procedure 1 of the paper.
+
+    From `Sabour et al. 2017 <https://arxiv.org/abs/1710.09829>`_.
 
     The routing logits start at :math:`b_{ij} = 0` for every example; each of the
     ``iterations`` rounds computes

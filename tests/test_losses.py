@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.autograd import gradcheck
+
+from reference import margin_ref
+from torchcaps import MarginLoss, ReconstructionLoss
+from torchcaps.functional import margin_loss, reconstruction_loss
+
+
+def test_margin_hand_computed() -> None:
+    lengths = torch.tensor([[0.95, 0.05, 0.05], [0.2, 0.9, 0.1]], dtype=torch.float64)
+    loss = MarginLoss(reduction="none")(lengths, torch.tensor([0, 1]))
+    # sample 0: all margins satisfied; sample 1: absent class 0 at 0.2 -> 0.5 * 0.1^2
+    torch.testing.assert_close(loss, torch.tensor([0.0, 0.005], dtype=torch.float64))
+
+
+@given(st.integers(1, 5), st.integers(1, 12), st.integers(0, 2**31 - 1))
+def test_margin_matches_reference(batch: int, k: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.rand(batch, k, generator=g, dtype=torch.float64)
+    target = torch.randint(0, k, (batch,), generator=g)
+    onehot = torch.nn.functional.one_hot(target, k)
+    ref = margin_ref(lengths, onehot)
+    torch.testing.assert_close(margin_loss(lengths, target, reduction="none"), ref)
+    torch.testing.assert_close(margin_loss(lengths, onehot, reduction="none"), ref)
+    torch.testing.assert_close(margin_loss(lengths, target), ref.mean())
+    torch.testing.assert_close(margin_loss(lengths, target, reduction="sum"), ref.sum())
+    # multi-hot with several classes present
+    multi = (torch.rand(batch, k, generator=g) < 0.4).long()
+    torch.testing.assert_close(
+        margin_loss(lengths, multi, reduction="none"), margin_ref(lengths, multi)
+    )
+
+
+def test_margin_custom_constants() -> None:
+    lengths = torch.rand(4, 5, dtype=torch.float64)
+    t = torch.tensor([1, 0, 4, 2])
+    ref = margin_ref(lengths, torch.nn.functional.one_hot(t, 5), 0.8, 0.2, 0.25)
+    torch.testing.assert_close(MarginLoss(0.8, 0.2, 0.25, "none")(lengths, t), ref)
+    # lambda_ = 0: absent classes cost nothing
+    only_present = MarginLoss(lambda_=0.0, reduction="none")(lengths, t)
+    torch.testing.assert_close(only_present, (0.9 - lengths[torch.arange(4), t]).clamp_min(0) ** 2)
+
+
+def test_margin_target_dtypes_agree() -> None:
+    lengths = torch.rand(3, 4)
+    multi = torch.tensor([[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1]])
+    expected = margin_loss(lengths, multi)
+    torch.testing.assert_close(margin_loss(lengths, multi.bool()), expected)
+    torch.testing.assert_close(margin_loss(lengths, multi.float()), expected)
+
+
+def test_margin_gradcheck() -> None:
+    lengths = torch.rand(3, 4, dtype=torch.float64, requires_grad=True)
+    # keep away from the hinge points where the loss is not differentiable
+    with torch.no_grad():
+        lengths.mul_(0.6).add_(0.15)
+    t = torch.tensor([0, 3, 1])
+    assert gradcheck(lambda x: MarginLoss()(x, t), (lengths,))
+
+
+def test_margin_half_precision() -> None:
+    lengths = torch.rand(4, 10)
+    t = torch.randint(0, 10, (4,))
+    out = margin_loss(lengths.bfloat16(), t)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        out.float(), margin_loss(lengths.bfloat16().float(), t), atol=1e-2, rtol=1e-2
+    )
+
+
+def test_margin_bad_input() -> None:
+    loss = MarginLoss()
+    lengths = torch.rand(2, 10)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 9\], got values in \[3, 10\]"):
+        loss(lengths, torch.tensor([3, 10]))
+    with pytest.raises(ValueError, match=r"got values in \[-1, 2\]"):
+        loss(lengths, torch.tensor([-1, 2]))
+    with pytest.raises(
+        ValueError, match=r"target of class indices must have shape \(2,\).*got \(3,\)"
+    ):
+        loss(lengths, torch.tensor([1, 2, 3]))
+    with pytest.raises(
+        ValueError, match=r"multi-hot target must have shape \(2, 10\) like lengths, got \(2, 9\)"
+    ):
+        loss(lengths, torch.zeros(2, 9))
+    with pytest.raises(ValueError, match="multi-hot target must contain only 0 and 1"):
+        loss(lengths, torch.full((2, 10), 0.5))
+    with pytest.raises(TypeError, match="target of class indices must be an integer tensor"):
+        loss(lengths, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"lengths must have shape \(B, K\), got \(2, 10, 1\)"):
+        loss(lengths[..., None], torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="target must be class indices of shape"):
+        loss(lengths, torch.zeros(2, 10, 1))
+    with pytest.raises(TypeError, match="MarginLoss: lengths must be a real floating-point"):
+        loss(torch.ones(2, 10, dtype=torch.long), torch.tensor([1, 2]))
+
+
+def test_margin_bad_config() -> None:
+    with pytest.raises(ValueError, match="MarginLoss: reduction must be one of"):
+        MarginLoss(reduction="batchmean")
+    with pytest.raises(ValueError, match="MarginLoss: lambda_ must be >= 0.0, got -0.5"):
+        MarginLoss(lambda_=-0.5)
+    with pytest.raises(ValueError, match="MarginLoss: m_pos must be finite"):
+        MarginLoss(m_pos=float("nan"))
+    assert repr(MarginLoss()) == "MarginLoss(m_pos=0.9, m_neg=0.1, lambda_=0.5, reduction='mean')"
+
+
+def test_reconstruction_module_equals_function() -> None:
+    x, y = torch.rand(3, 1, 4, 4), torch.rand(3, 1, 4, 4)
+    torch.testing.assert_close(
+        ReconstructionLoss(0.01, "sum")(x, y), reconstruction_loss(x, y, 0.01, "sum")
+    )
+    with pytest.raises(ValueError, match="ReconstructionLoss: weight must be >= 0"):
+        ReconstructionLoss(-1.0)

@@ -1,0 +1,250 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.autograd import gradcheck
+
+from conftest import TOL
+from reference import routing_ref
+from torchcaps import DynamicRouting, Routing, squash
+from torchcaps.routing import resolve_routing, routing_choices
+from torchcaps.testing import assert_routing_contract
+
+shapes = st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 6), st.integers(1, 5))
+
+
+def _u(shape: tuple[int, ...], seed: int, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64) * scale
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3, 5])
+def test_matches_procedure_1_reference(iterations: int, dtype: torch.dtype) -> None:
+    u = _u((2, 9, 4, 3), seed=iterations)
+    v_ref, c_ref = routing_ref(u, iterations)
+    v, c = DynamicRouting(iterations)(u.to(dtype), return_coupling=True)
+    atol, rtol = TOL[dtype]
+    assert v.dtype == dtype and c.dtype == dtype
+    torch.testing.assert_close(v.double(), v_ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(c.double(), c_ref, atol=atol, rtol=rtol)
+
+
+def test_learned_prior_matches_reference() -> None:
+    routing = DynamicRouting(3, learned_prior=(9, 4), dtype=torch.float64)
+    with torch.no_grad():
+        routing.log_prior.copy_(torch.randn(9, 4, dtype=torch.float64))
+    u = _u((2, 9, 4, 3), seed=0)
+    v_ref, c_ref = routing_ref(u, 3, prior=routing.log_prior.detach())
+    v, c = routing(u, return_coupling=True)
+    torch.testing.assert_close(v, v_ref)
+    torch.testing.assert_close(c, c_ref)
+    v.sum().backward()
+    assert routing.log_prior.grad is not None and bool(routing.log_prior.grad.abs().sum() > 0)
+
+
+def test_learned_prior_off_by_default() -> None:
+    assert DynamicRouting().log_prior is None
+    assert len(list(DynamicRouting().parameters())) == 0
+    r = DynamicRouting(2, learned_prior=(5, 3))
+    assert r.log_prior is not None and r.log_prior.shape == (5, 3)
+    assert bool((r.log_prior == 0).all())
+
+
+def test_one_iteration_is_uniform_coupling_and_mean() -> None:
+    u = _u((3, 7, 5, 4), seed=1)
+    v, c = DynamicRouting(1)(u, return_coupling=True)
+    assert bool((c == 1 / 5).all())
+    torch.testing.assert_close(v, squash(u.sum(dim=1) / 5))  # s_j = sum_i (1/N_out) u_hat
+
+
+@given(shapes, st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_coupling_is_a_distribution_over_parents(
+    shape: tuple[int, ...], iters: int, seed: int
+) -> None:
+    u = _u(shape, seed, scale=2.0)
+    v, c = DynamicRouting(iters)(u, return_coupling=True)
+    assert v.shape == (shape[0], shape[2], shape[3])
+    assert c.shape == shape[:3]
+    assert bool((c >= 0).all())
+    torch.testing.assert_close(c.sum(dim=-1), torch.ones(shape[:2], dtype=torch.float64))
+    assert bool((v.norm(dim=-1) < 1).all())
+
+
+@given(shapes, st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_invariant_to_permuting_inputs(shape: tuple[int, ...], iters: int, seed: int) -> None:
+    u = _u(shape, seed)
+    perm = torch.randperm(shape[1], generator=torch.Generator().manual_seed(seed))
+    routing = DynamicRouting(iters)
+    v, c = routing(u, return_coupling=True)
+    v_p, c_p = routing(u[:, perm], return_coupling=True)
+    torch.testing.assert_close(v_p, v)
+    torch.testing.assert_close(c_p, c[:, perm])
+
+
+@given(shapes, st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_equivariant_to_permuting_outputs(shape: tuple[int, ...], iters: int, seed: int) -> None:
+    u = _u(shape, seed)
+    perm = torch.randperm(shape[2], generator=torch.Generator().manual_seed(seed))
+    routing = DynamicRouting(iters)
+    v, c = routing(u, return_coupling=True)
+    v_p, c_p = routing(u[:, :, perm], return_coupling=True)
+    torch.testing.assert_close(v_p, v[:, perm])
+    torch.testing.assert_close(c_p, c[:, :, perm])
+
+
+@given(shapes, st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_batch_elements_are_independent(shape: tuple[int, ...], iters: int, seed: int) -> None:
+    u = _u(shape, seed)
+    routing = DynamicRouting(iters)
+    v = routing(u)
+    for b in range(shape[0]):
+        torch.testing.assert_close(routing(u[b : b + 1])[0], v[b])
+
+
+@given(st.integers(2, 6), st.integers(2, 5), st.integers(0, 2**31 - 1))
+def test_more_rounds_shift_coupling_to_agreed_parent(n_out: int, dim: int, seed: int) -> None:
+    # Every child predicts (nearly) the same vector for parent 0 and small noise for the others.
+    g = torch.Generator().manual_seed(seed)
+    n_in = 32
+    u = torch.randn(1, n_in, n_out, dim, generator=g, dtype=torch.float64) * 0.1
+    direction = torch.randn(dim, generator=g, dtype=torch.float64)
+    u[:, :, 0] += 2.0 * direction / direction.norm()
+    coupling = [
+        float(DynamicRouting(r)(u, return_coupling=True)[1][0, :, 0].mean()) for r in (1, 2, 3, 5)
+    ]
+    assert coupling[0] == pytest.approx(1 / n_out)
+    assert all(b > a for a, b in zip(coupling, coupling[1:])), coupling
+
+
+def test_gradcheck_through_all_rounds() -> None:
+    u = _u((2, 5, 3, 4), seed=3).requires_grad_(True)
+    assert gradcheck(lambda t: DynamicRouting(3)(t), (u,))
+    assert gradcheck(
+        lambda t: DynamicRouting(3, learned_prior=(5, 3), dtype=torch.float64)(t), (u,)
+    )
+
+
+def test_gradients_flow_through_routing_rounds_by_default() -> None:
+    u = _u((2, 6, 3, 4), seed=4).requires_grad_(True)
+    # With the coupling coefficients frozen at their final values, only the last weighted sum
+    # carries gradient; the default lets gradient flow through the rounds as well, so differs.
+    _, c = DynamicRouting(3)(u.detach(), return_coupling=True)
+
+    def frozen(t: torch.Tensor) -> torch.Tensor:
+        return squash(torch.einsum("bij,bijd->bjd", c, t))
+
+    (g_default,) = torch.autograd.grad(DynamicRouting(3)(u).pow(2).sum(), u)
+    (g_stop,) = torch.autograd.grad(DynamicRouting(3, stop_gradient=True)(u).pow(2).sum(), u)
+    (g_frozen,) = torch.autograd.grad(frozen(u).pow(2).sum(), u)
+    torch.testing.assert_close(g_stop, g_frozen)
+    assert not torch.allclose(g_default, g_frozen, atol=1e-8)
+    # forward values are the same either way
+    torch.testing.assert_close(DynamicRouting(3, stop_gradient=True)(u), DynamicRouting(3)(u))
+
+
+@pytest.mark.parametrize("iterations", [1, 3, 20])
+def test_extreme_inputs_are_finite(iterations: int) -> None:
+    for u in (torch.zeros(2, 8, 3, 4), torch.full((2, 8, 3, 4), 1e4), torch.randn(1, 1, 1, 1)):
+        u = u.clone().requires_grad_(True)
+        v = DynamicRouting(iterations)(u)
+        (g,) = torch.autograd.grad(v.sum(), u)
+        assert bool(torch.isfinite(v).all()) and bool(torch.isfinite(g).all())
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+def test_half_input_routes_in_float32(amp_dtype: torch.dtype) -> None:
+    u = _u((2, 40, 4, 8), seed=5)
+    v = DynamicRouting(3)(u.to(amp_dtype))
+    assert v.dtype == amp_dtype
+    v_ref, _ = routing_ref(u.to(amp_dtype).double(), 3)
+    torch.testing.assert_close(v.double(), v_ref, atol=1e-2, rtol=1e-2)
+
+
+def test_under_autocast_stays_float32() -> None:
+    u = torch.randn(2, 30, 4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v = DynamicRouting(3)(u)
+    assert v.dtype == torch.float32
+    torch.testing.assert_close(v, DynamicRouting(3)(u))
+
+
+def test_on_device(device: torch.device) -> None:
+    u = torch.randn(2, 10, 3, 4, device=device)
+    v, c = DynamicRouting(3)(u, return_coupling=True)
+    assert v.device == device and c.device == device
+    v_ref, c_ref = routing_ref(u.double().cpu(), 3)
+    torch.testing.assert_close(v.double().cpu(), v_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_contract_helper_accepts_dynamic_routing() -> None:
+    assert_routing_contract(DynamicRouting(1))
+    assert_routing_contract(DynamicRouting(3, stop_gradient=True), dtype=torch.float32, atol=1e-5)
+    assert_routing_contract(DynamicRouting(3, learned_prior=(7, 4), dtype=torch.float64))
+
+
+def test_bad_input() -> None:
+    r = DynamicRouting()
+    with pytest.raises(
+        ValueError,
+        match=r"DynamicRouting expected u_hat of shape \(B, N_in, N_out, D_out\).*got \(2, 3, 4\)",
+    ):
+        r(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match=r"got \(2, 0, 4, 3\)"):
+        r(torch.randn(2, 0, 4, 3))
+    with pytest.raises(
+        TypeError,
+        match="DynamicRouting: u_hat must be a real floating-point tensor, got dtype torch.int64",
+    ):
+        r(torch.ones(2, 3, 4, 5, dtype=torch.long))
+    with pytest.raises(
+        ValueError,
+        match=r"learned_prior=\(5, 3\) expected u_hat of shape \(B, 5, 3, D_out\), got \(2, 6, 3, 4\)",
+    ):
+        DynamicRouting(learned_prior=(5, 3))(torch.randn(2, 6, 3, 4))
+
+
+def test_bad_config() -> None:
+    with pytest.raises(ValueError, match="DynamicRouting: iterations must be >= 1, got 0"):
+        DynamicRouting(0)
+    with pytest.raises(TypeError, match="DynamicRouting: iterations must be an int, got float"):
+        DynamicRouting(2.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="stop_gradient must be a bool"):
+        DynamicRouting(stop_gradient="yes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="learned_prior must be a pair"):
+        DynamicRouting(learned_prior=5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"learned_prior\[1\] must be >= 1"):
+        DynamicRouting(learned_prior=(5, 0))
+
+
+def test_repr() -> None:
+    assert repr(DynamicRouting()) == "DynamicRouting(iterations=3)"
+    assert "stop_gradient=True" in repr(DynamicRouting(stop_gradient=True))
+    assert "learned_prior=(4, 2)" in repr(DynamicRouting(learned_prior=(4, 2)))
+
+
+# -- resolver and base class ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name", ["dynamic", "Dynamic", "DynamicRouting", "dynamic_routing", "dynamic-routing"]
+)
+def test_resolver_names(name: str) -> None:
+    r = resolve_routing(name, iterations=2)
+    assert isinstance(r, DynamicRouting) and r.iterations == 2
+
+
+def test_resolver_errors() -> None:
+    with pytest.raises(ValueError, match=r"could not resolve routing 'em'; choices: \['dynamic'\]"):
+        resolve_routing("em")
+    with pytest.raises(TypeError, match="routing must be a Routing instance or a name"):
+        resolve_routing(3)  # type: ignore[arg-type]
+    inst = DynamicRouting()
+    assert resolve_routing(inst) is inst
+    with pytest.raises(ValueError, match="routing_kwargs"):
+        resolve_routing(inst, iterations=2)
+    assert routing_choices() == ["dynamic"]
+
+
+def test_base_class_requires_route() -> None:
+    with pytest.raises(NotImplementedError, match="must implement route"):
+        Routing()(torch.randn(1, 2, 3, 4))
