@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from torchcaps._checks import ShapeError, check_int, check_tensor, shape_str
-from torchcaps.functional import mask_capsules
+from torchcaps.functional import _mask_capsules
 
 __all__ = ["MaskedDecoder"]
 
@@ -106,6 +106,6 @@ class MaskedDecoder(nn.Module):
                 f"{owner} expected v of shape (B, {self.num_capsules}, {self.capsule_dim}), "
                 f"got {shape_str(v.shape)}"
             )
-        masked = mask_capsules(v, target, _owner=owner)
+        masked = _mask_capsules(v, target, owner)
         out = self.net(masked.flatten(1))
         return out.view(v.shape[0], *self.out_shape)

@@ -165,6 +165,31 @@ def _reduce(loss: Tensor, reduction: str, *, owner: str) -> Tensor:
     raise ValueError(f"{owner}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
+def _margin_loss(
+    lengths: Tensor,
+    target: Tensor,
+    m_pos: float,
+    m_neg: float,
+    lambda_: float,
+    reduction: str,
+    owner: str,
+) -> Tensor:
+    check_tensor("lengths", lengths, owner=owner)
+    if lengths.dim() != 2:
+        raise ShapeError(f"{owner}: lengths must have shape (B, K), got {shape_str(lengths.shape)}")
+    check_float("m_pos", m_pos, owner=owner)
+    check_float("m_neg", m_neg, owner=owner)
+    check_float("lambda_", lambda_, minimum=0.0, owner=owner)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{owner}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    x = float32_compute(lengths)
+    t = _target_to_onehot(target, x, owner=owner)
+    present = t * F.relu(m_pos - x).square()
+    absent = lambda_ * (1.0 - t) * F.relu(x - m_neg).square()
+    loss = (present + absent).sum(dim=1)
+    return _reduce(loss, reduction, owner=owner).to(lengths.dtype)
+
+
 def margin_loss(
     lengths: Tensor,
     target: Tensor,
@@ -172,8 +197,6 @@ def margin_loss(
     m_neg: float = 0.1,
     lambda_: float = 0.5,
     reduction: str = "mean",
-    *,
-    _owner: str = "margin_loss",
 ) -> Tensor:
     r"""Margin loss of the paper (eq. 4), summed over classes per sample.
 
@@ -204,50 +227,10 @@ def margin_loss(
         >>> margin_loss(lengths, torch.tensor([0, 1]), reduction="none")
         tensor([0.0000, 0.1500])
     """
-    owner = _owner
-    check_tensor("lengths", lengths, owner=owner)
-    if lengths.dim() != 2:
-        raise ShapeError(f"{owner}: lengths must have shape (B, K), got {shape_str(lengths.shape)}")
-    check_float("m_pos", m_pos, owner=owner)
-    check_float("m_neg", m_neg, owner=owner)
-    check_float("lambda_", lambda_, minimum=0.0, owner=owner)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{owner}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    x = float32_compute(lengths)
-    t = _target_to_onehot(target, x, owner=owner)
-    present = t * F.relu(m_pos - x).square()
-    absent = lambda_ * (1.0 - t) * F.relu(x - m_neg).square()
-    loss = (present + absent).sum(dim=1)
-    return _reduce(loss, reduction, owner=owner).to(lengths.dtype)
+    return _margin_loss(lengths, target, m_pos, m_neg, lambda_, reduction, "margin_loss")
 
 
-def mask_capsules(
-    v: Tensor, target: Tensor | None = None, *, _owner: str = "mask_capsules"
-) -> Tensor:
-    r"""Zero every capsule but one per sample (the decoder's input mask).
-
-    Args:
-        v: capsule vectors.
-        target: index of the capsule to keep per sample (e.g. the true class while training);
-            ``None`` keeps each sample's longest capsule (the prediction).
-
-    Shape:
-        - v: :math:`(B, K, D)`.
-        - target: :math:`(B,)` integer indices in :math:`[0, K)`, or ``None``.
-        - Output: :math:`(B, K, D)`, zero except the selected capsule of each sample.
-
-    Examples:
-        >>> import torch
-        >>> from torchcaps.functional import mask_capsules
-        >>> v = torch.tensor([[[0.1, 0.0], [0.0, 0.9]]])
-        >>> mask_capsules(v)  # keeps the longest capsule
-        tensor([[[0.0000, 0.0000],
-                 [0.0000, 0.9000]]])
-        >>> mask_capsules(v, torch.tensor([0]))
-        tensor([[[0.1000, 0.0000],
-                 [0.0000, 0.0000]]])
-    """
-    owner = _owner
+def _mask_capsules(v: Tensor, target: Tensor | None, owner: str) -> Tensor:
     check_tensor("v", v, owner=owner)
     if v.dim() != 3:
         raise ShapeError(f"{owner}: v must have shape (B, K, D), got {shape_str(v.shape)}")
@@ -271,13 +254,59 @@ def mask_capsules(
     return v * mask.unsqueeze(-1)
 
 
+def mask_capsules(v: Tensor, target: Tensor | None = None) -> Tensor:
+    r"""Zero every capsule but one per sample (the decoder's input mask).
+
+    Args:
+        v: capsule vectors.
+        target: index of the capsule to keep per sample (e.g. the true class while training);
+            ``None`` keeps each sample's longest capsule (the prediction).
+
+    Shape:
+        - v: :math:`(B, K, D)`.
+        - target: :math:`(B,)` integer indices in :math:`[0, K)`, or ``None``.
+        - Output: :math:`(B, K, D)`, zero except the selected capsule of each sample.
+
+    Examples:
+        >>> import torch
+        >>> from torchcaps.functional import mask_capsules
+        >>> v = torch.tensor([[[0.1, 0.0], [0.0, 0.9]]])
+        >>> mask_capsules(v)  # keeps the longest capsule
+        tensor([[[0.0000, 0.0000],
+                 [0.0000, 0.9000]]])
+        >>> mask_capsules(v, torch.tensor([0]))
+        tensor([[[0.1000, 0.0000],
+                 [0.0000, 0.0000]]])
+    """
+    return _mask_capsules(v, target, "mask_capsules")
+
+
+def _reconstruction_loss(
+    reconstruction: Tensor, target: Tensor, weight: float, reduction: str, owner: str
+) -> Tensor:
+    check_tensor("reconstruction", reconstruction, owner=owner)
+    check_tensor("target", target, owner=owner)
+    if reconstruction.dim() < 1:
+        raise ShapeError(f"{owner}: reconstruction must have shape (B, *), got shape ()")
+    if reconstruction.shape != target.shape:
+        raise ShapeError(
+            f"{owner}: target must have the shape of reconstruction "
+            f"{shape_str(reconstruction.shape)}, got {shape_str(target.shape)}"
+        )
+    check_float("weight", weight, minimum=0.0, owner=owner)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{owner}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    diff = float32_compute(reconstruction) - float32_compute(target)
+    per_image = diff.square().flatten(1).sum(dim=1) if diff.dim() > 1 else diff.square()
+    out = _reduce(weight * per_image, reduction, owner=owner)
+    return out.to(torch.promote_types(reconstruction.dtype, target.dtype))
+
+
 def reconstruction_loss(
     reconstruction: Tensor,
     target: Tensor,
     weight: float = 0.0005,
     reduction: str = "mean",
-    *,
-    _owner: str = "reconstruction_loss",
 ) -> Tensor:
     r"""Weighted per-image *sum* of squared errors, as in the paper.
 
@@ -307,20 +336,4 @@ def reconstruction_loss(
         >>> reconstruction_loss(torch.ones(2, 1, 28, 28), x)  # 0.0005 * 784
         tensor(0.3920)
     """
-    owner = _owner
-    check_tensor("reconstruction", reconstruction, owner=owner)
-    check_tensor("target", target, owner=owner)
-    if reconstruction.dim() < 1:
-        raise ShapeError(f"{owner}: reconstruction must have shape (B, *), got shape ()")
-    if reconstruction.shape != target.shape:
-        raise ShapeError(
-            f"{owner}: target must have the shape of reconstruction "
-            f"{shape_str(reconstruction.shape)}, got {shape_str(target.shape)}"
-        )
-    check_float("weight", weight, minimum=0.0, owner=owner)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{owner}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    diff = float32_compute(reconstruction) - float32_compute(target)
-    per_image = diff.square().flatten(1).sum(dim=1) if diff.dim() > 1 else diff.square()
-    out = _reduce(weight * per_image, reduction, owner=owner)
-    return out.to(torch.promote_types(reconstruction.dtype, target.dtype))
+    return _reconstruction_loss(reconstruction, target, weight, reduction, "reconstruction_loss")

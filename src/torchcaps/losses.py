@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from torchcaps._checks import check_float
-from torchcaps.functional import margin_loss, reconstruction_loss
+from torchcaps.functional import _margin_loss, _reconstruction_loss
 
 __all__ = ["MarginLoss", "ReconstructionLoss"]
 
@@ -67,14 +67,8 @@ class MarginLoss(nn.Module):
 
     def forward(self, lengths: Tensor, target: Tensor) -> Tensor:
         """Compute the loss of ``lengths`` against ``target``."""
-        return margin_loss(
-            lengths,
-            target,
-            self.m_pos,
-            self.m_neg,
-            self.lambda_,
-            self.reduction,
-            _owner="MarginLoss",
+        return _margin_loss(
+            lengths, target, self.m_pos, self.m_neg, self.lambda_, self.reduction, "MarginLoss"
         )
 
 
@@ -112,6 +106,6 @@ class ReconstructionLoss(nn.Module):
 
     def forward(self, reconstruction: Tensor, target: Tensor) -> Tensor:
         """Compute the weighted reconstruction error."""
-        return reconstruction_loss(
-            reconstruction, target, self.weight, self.reduction, _owner="ReconstructionLoss"
+        return _reconstruction_loss(
+            reconstruction, target, self.weight, self.reduction, "ReconstructionLoss"
         )
