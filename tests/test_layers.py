@@ -238,3 +238,26 @@ def test_paper_model_parameter_counts() -> None:
 def test_on_device(device: torch.device) -> None:
     model = nn.Sequential(Conv2dCaps(3, 4, 4, 3), DenseCaps(4 * 3 * 3, 4, 5, 6)).to(device)
     assert model(torch.randn(2, 3, 5, 5, device=device)).device == device
+
+
+def test_conv_caps_bf16_autocast_forward() -> None:
+    layer = Conv2dCaps(8, 4, 4, kernel_size=3, stride=2)
+    x = torch.randn(2, 8, 9, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u = layer(x)
+    assert u.dtype == torch.bfloat16 and bool(torch.isfinite(u).all())
+    torch.testing.assert_close(u.float(), layer(x), atol=3e-2, rtol=3e-2)
+
+
+def test_paper_model_bf16_autocast_forward() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(1, 256, 9),
+        nn.ReLU(),
+        Conv2dCaps(256, 32, 8, kernel_size=9, stride=2),
+        DenseCaps(1152, 8, 10, 16),
+    )
+    x = torch.rand(2, 1, 28, 28)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v = model(x)
+    assert v.dtype == torch.float32  # routing ran in float32
+    torch.testing.assert_close(v, model(x), atol=2e-3, rtol=5e-2)

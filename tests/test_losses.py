@@ -117,3 +117,10 @@ def test_reconstruction_module_equals_function() -> None:
     )
     with pytest.raises(ValueError, match="ReconstructionLoss: weight must be >= 0"):
         ReconstructionLoss(-1.0)
+
+
+def test_margin_module_equals_function() -> None:
+    lengths, t = torch.rand(5, 7), torch.randint(0, 7, (5,))
+    torch.testing.assert_close(
+        MarginLoss(0.8, 0.3, 0.7, "sum")(lengths, t), margin_loss(lengths, t, 0.8, 0.3, 0.7, "sum")
+    )
