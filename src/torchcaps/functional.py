@@ -225,7 +225,7 @@ def margin_loss(
         >>> from torchcaps.functional import margin_loss
         >>> lengths = torch.tensor([[0.95, 0.05], [0.5, 0.6]])
         >>> margin_loss(lengths, torch.tensor([0, 1]), reduction="none")
-        tensor([0.0000, 0.1500])
+        tensor([0.0000, 0.1700])
     """
     return _margin_loss(lengths, target, m_pos, m_neg, lambda_, reduction, "margin_loss")
 
