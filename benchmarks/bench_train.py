@@ -23,11 +23,12 @@ the on-device test digits; reference: a DataLoader with ToTensor).
 
 Every (configuration, repeat) runs in its own worker process (this script with ``--worker``);
 the parent alternates the configurations within each repeat (rotating the order) and reports
-medians over the repeats. Peak memory is the RSS high-water mark of each phase above the
-worker's RSS after imports and data loading (allocator peak on CUDA). FLOPs of one step are
-counted with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and convolutions only), once
-per configuration; GFLOP/s = counted FLOPs / median step time, compared with the ``torch.mm``
-ceiling of the same dtype measured in the same run (large square matrices).
+medians over the repeats. Peak memory is the RSS high-water mark of the timed part of each
+phase (reset after the warm-up) above the worker's RSS after its imports (allocator peak on
+CUDA). FLOPs of one step are counted with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls
+and convolutions only), once per configuration; GFLOP/s = counted FLOPs per image x median
+images/s, compared with the ``torch.mm`` ceiling of the same dtype measured in the same run
+(large square matrices).
 """
 
 from __future__ import annotations
@@ -66,28 +67,64 @@ SCRIPT = Path(__file__).resolve()
 # name -> implementation, autocast, channels_last, torch.compile
 CONFIGS: dict[str, dict[str, Any]] = {
     "reference": {"impl": "reference", "amp": "none", "channels_last": False, "compile": False},
-    "torchcaps-fp32": {"impl": "torchcaps", "amp": "none", "channels_last": False,
-                       "compile": False},
-    "torchcaps-fp32-cl": {"impl": "torchcaps", "amp": "none", "channels_last": True,
-                          "compile": False},
-    "torchcaps-bf16": {"impl": "torchcaps", "amp": "bf16", "channels_last": False,
-                       "compile": False},
-    "torchcaps-bf16-cl": {"impl": "torchcaps", "amp": "bf16", "channels_last": True,
-                          "compile": False},
-    "torchcaps-fp32-cl-compile": {"impl": "torchcaps", "amp": "none", "channels_last": True,
-                                  "compile": True},
-    "torchcaps-bf16-cl-compile": {"impl": "torchcaps", "amp": "bf16", "channels_last": True,
-                                  "compile": True},
+    "torchcaps-fp32": {
+        "impl": "torchcaps",
+        "amp": "none",
+        "channels_last": False,
+        "compile": False,
+    },
+    "torchcaps-fp32-cl": {
+        "impl": "torchcaps",
+        "amp": "none",
+        "channels_last": True,
+        "compile": False,
+    },
+    "torchcaps-bf16": {
+        "impl": "torchcaps",
+        "amp": "bf16",
+        "channels_last": False,
+        "compile": False,
+    },
+    "torchcaps-bf16-cl": {
+        "impl": "torchcaps",
+        "amp": "bf16",
+        "channels_last": True,
+        "compile": False,
+    },
+    "torchcaps-fp32-cl-compile": {
+        "impl": "torchcaps",
+        "amp": "none",
+        "channels_last": True,
+        "compile": True,
+    },
+    "torchcaps-bf16-cl-compile": {
+        "impl": "torchcaps",
+        "amp": "bf16",
+        "channels_last": True,
+        "compile": True,
+    },
 }
 DEFAULT_CONFIGS = ["reference", "torchcaps-fp32", "torchcaps-fp32-cl", "torchcaps-bf16-cl"]
 QUICK_CONFIGS = ["reference", "torchcaps-fp32-cl", "torchcaps-bf16-cl"]
 COMPILE_CONFIGS = ["torchcaps-fp32-cl-compile", "torchcaps-bf16-cl-compile"]
 
 # Settings of a full run and of --quick (each can still be overridden on the command line).
-FULL = {"batch_size": 128, "repeats": 5, "steps": 10, "warmup": 2, "eval_batch_size": 1000,
-        "eval_batches": 2}
-QUICK = {"batch_size": 32, "repeats": 3, "steps": 3, "warmup": 1, "eval_batch_size": 250,
-         "eval_batches": 1}
+FULL = {
+    "batch_size": 128,
+    "repeats": 5,
+    "steps": 10,
+    "warmup": 2,
+    "eval_batch_size": 1000,
+    "eval_batches": 2,
+}
+QUICK = {
+    "batch_size": 32,
+    "repeats": 3,
+    "steps": 3,
+    "warmup": 1,
+    "eval_batch_size": 250,
+    "eval_batches": 1,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,41 +132,89 @@ def build_parser() -> argparse.ArgumentParser:
         description="CapsNet training/evaluation throughput: torchcaps vs a plain reference.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--quick", action="store_true",
-                   help=f"a short run: {QUICK} and configs {QUICK_CONFIGS}")
-    p.add_argument("--configs", default=None,
-                   help=f"comma-separated configs from {list(CONFIGS)} "
-                        f"(default {DEFAULT_CONFIGS}; --quick: {QUICK_CONFIGS})")
-    p.add_argument("--compile", action="store_true",
-                   help=f"also run {COMPILE_CONFIGS} (torch.compile; slow to warm up)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help=f"training batch size (default {FULL['batch_size']}, "
-                        f"--quick {QUICK['batch_size']})")
-    p.add_argument("--repeats", type=int, default=None,
-                   help=f"repeats per config, each in a fresh worker (default {FULL['repeats']})")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"timed training steps per repeat (default {FULL['steps']})")
-    p.add_argument("--warmup", type=int, default=None,
-                   help=f"untimed training steps before them (default {FULL['warmup']})")
-    p.add_argument("--eval-batch-size", type=int, default=None,
-                   help=f"evaluation batch size (default {FULL['eval_batch_size']}, "
-                        f"--quick {QUICK['eval_batch_size']})")
-    p.add_argument("--eval-batches", type=int, default=None,
-                   help=f"timed evaluation batches per repeat (default {FULL['eval_batches']})")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads in the workers (default: PyTorch's choice)")
-    p.add_argument("--num-workers", type=int, default=0,
-                   help="DataLoader workers of the reference (0: with few cores workers only "
-                        "compete with the model for them)")
+    p.add_argument(
+        "--quick", action="store_true", help=f"a short run: {QUICK} and configs {QUICK_CONFIGS}"
+    )
+    p.add_argument(
+        "--configs",
+        default=None,
+        help=f"comma-separated configs from {list(CONFIGS)} "
+        f"(default {DEFAULT_CONFIGS}; --quick: {QUICK_CONFIGS})",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help=f"also run {COMPILE_CONFIGS} (torch.compile; slow to warm up)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"training batch size (default {FULL['batch_size']}, --quick {QUICK['batch_size']})",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"repeats per config, each in a fresh worker (default {FULL['repeats']})",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"timed training steps per repeat (default {FULL['steps']})",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help=f"untimed training steps before them (default {FULL['warmup']})",
+    )
+    p.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=None,
+        help=f"evaluation batch size (default {FULL['eval_batch_size']}, "
+        f"--quick {QUICK['eval_batch_size']})",
+    )
+    p.add_argument(
+        "--eval-batches",
+        type=int,
+        default=None,
+        help=f"timed evaluation batches per repeat (default {FULL['eval_batches']})",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads in the workers (default: PyTorch's choice)",
+    )
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=0,
+        help="DataLoader workers of the reference (0: with few cores workers only "
+        "compete with the model for them)",
+    )
     p.add_argument("--device", default="cpu", help="'cpu' or 'cuda[:N]'")
-    p.add_argument("--ceiling-size", type=int, default=None,
-                   help="square matrix size of the torch.mm ceiling (default 2048 on CPU, "
-                        "8192 on CUDA)")
-    p.add_argument("--no-check", action="store_true",
-                   help="skip the check that the reference and torchcaps compute the same model")
+    p.add_argument(
+        "--ceiling-size",
+        type=int,
+        default=None,
+        help="square matrix size of the torch.mm ceiling (default 2048 on CPU, 8192 on CUDA)",
+    )
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the check that the reference and torchcaps compute the same model",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--worker-timeout", type=float, default=3600.0,
-                   help="seconds after which a worker is abandoned")
+    p.add_argument(
+        "--worker-timeout",
+        type=float,
+        default=3600.0,
+        help="seconds after which a worker is abandoned",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     # Internal: run one measurement in this process.
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -209,10 +294,20 @@ class TorchcapsWorkload(Workload):
         m = _import_example()
         self.m = m
         argv = [
-            "--embedded-sample", "--device", args.device, "--quiet",
-            "--batch-size", str(args.batch_size), "--test-batch-size", str(args.eval_batch_size),
-            "--amp", cfg["amp"], "--channels-last", "yes" if cfg["channels_last"] else "no",
-            "--seed", str(args.seed),
+            "--embedded-sample",
+            "--device",
+            args.device,
+            "--quiet",
+            "--batch-size",
+            str(args.batch_size),
+            "--test-batch-size",
+            str(args.eval_batch_size),
+            "--amp",
+            cfg["amp"],
+            "--channels-last",
+            "yes" if cfg["channels_last"] else "no",
+            "--seed",
+            str(args.seed),
         ]
         if cfg["compile"]:
             argv.append("--compile")
@@ -236,8 +331,7 @@ class TorchcapsWorkload(Workload):
         tr, m = self.trainer, self.m
         tr.net.train()
         idx = next(self.batches)
-        images = m.to_input(m.random_shift(tr.train_images[idx], 2, tr.generator),
-                            tr.memory_format)
+        images = m.to_input(m.random_shift(tr.train_images[idx], 2, tr.generator), tr.memory_format)
         labels = tr.train_labels[idx]
         loss, _ = tr.loss(images, labels, train=True)
         tr.optimizer.zero_grad(set_to_none=True)
@@ -297,10 +391,20 @@ class ReferenceWorkload(Workload):
         if args.eval_batch_size > len(test_labels):
             reps = math.ceil(args.eval_batch_size / len(test_labels))
             test_images, test_labels = test_images.repeat(reps, 1, 1), test_labels.repeat(reps)
-        train_loader = ref.make_loader(data.train_images, data.train_labels, args.batch_size,
-                                       train=True, num_workers=args.num_workers)
-        eval_loader = ref.make_loader(test_images, test_labels, args.eval_batch_size,
-                                      train=False, num_workers=args.num_workers)
+        train_loader = ref.make_loader(
+            data.train_images,
+            data.train_labels,
+            args.batch_size,
+            train=True,
+            num_workers=args.num_workers,
+        )
+        eval_loader = ref.make_loader(
+            test_images,
+            test_labels,
+            args.eval_batch_size,
+            train=False,
+            num_workers=args.num_workers,
+        )
         self.train_batches = ref.endless(train_loader)
         self.eval_batches = ref.endless(eval_loader)
 
@@ -347,12 +451,16 @@ def worker_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     else:
         workload = TorchcapsWorkload(cfg, args)
     build_s = time.perf_counter() - t0
-    result: dict[str, Any] = {"config": name, **cfg, "num_parameters": workload.num_parameters,
-                              "build_s": build_s, "memory_after_imports_mb": baseline,
-                              "memory_after_build_mb": memory.current_mb() - baseline}
+    result: dict[str, Any] = {
+        "config": name,
+        **cfg,
+        "num_parameters": workload.num_parameters,
+        "build_s": build_s,
+        "memory_after_imports_mb": baseline,
+        "memory_after_build_mb": memory.current_mb() - baseline,
+    }
 
     # ---- training ----
-    memory.reset()
     if args.count_flops:
         with workload.eager():
             result["train_flops_per_step"] = _count_flops(workload.train_step)
@@ -361,6 +469,8 @@ def worker_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(warmup):
         workload.train_step()
     result["train_warmup_s"] = time.perf_counter() - t0
+    release_memory()
+    memory.reset()  # the peak of the timed steps (compilation and first calls are excluded)
     step_s, losses = [], []
     for _ in range(args.steps):
         synchronize(device)
@@ -377,7 +487,6 @@ def worker_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     # ---- evaluation ----
     workload.release_optimizer()
     release_memory()
-    memory.reset()
     eval_start = memory.current_mb()
     if args.count_flops:
         with workload.eager():
@@ -387,6 +496,8 @@ def worker_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if cfg["compile"]:
         workload.eval_batch()
     result["eval_warmup_s"] = time.perf_counter() - t0
+    release_memory()
+    memory.reset()
     batch_s, correct = [], 0
     for _ in range(args.eval_batches):
         synchronize(device)
@@ -503,11 +614,28 @@ def run_as_worker(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------
 def worker_argv(args: argparse.Namespace, name: str, count_flops: bool) -> list[str]:
     argv = [
-        "--worker", name, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-        "--warmup", str(args.warmup), "--eval-batch-size", str(args.eval_batch_size),
-        "--eval-batches", str(args.eval_batches), "--device", args.device,
-        "--num-workers", str(args.num_workers), "--seed", str(args.seed),
-        "--ceiling-size", str(args.ceiling_size), "--repeats", "1",
+        "--worker",
+        name,
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--eval-batch-size",
+        str(args.eval_batch_size),
+        "--eval-batches",
+        str(args.eval_batches),
+        "--device",
+        args.device,
+        "--num-workers",
+        str(args.num_workers),
+        "--seed",
+        str(args.seed),
+        "--ceiling-size",
+        str(args.ceiling_size),
+        "--repeats",
+        "1",
     ]
     if args.threads is not None:
         argv += ["--threads", str(args.threads)]
@@ -519,7 +647,9 @@ def worker_argv(args: argparse.Namespace, name: str, count_flops: bool) -> list[
 
 
 def summarise(
-    names: list[str], runs: dict[str, list[dict[str, Any]]], ceiling: dict[str, float | None],
+    names: list[str],
+    runs: dict[str, list[dict[str, Any]]],
+    ceiling: dict[str, float | None],
     batch_size: int,
 ) -> list[dict[str, Any]]:
     rows = []
@@ -527,8 +657,9 @@ def summarise(
     for name in names:
         ok = [r for r in runs[name] if "error" not in r]
         flops = next((r["train_flops_per_step"] for r in ok if "train_flops_per_step" in r), None)
-        eval_flops = next((r["eval_flops_per_batch"] for r in ok if "eval_flops_per_batch" in r),
-                          None)
+        eval_flops = next(
+            (r["eval_flops_per_batch"] for r in ok if "eval_flops_per_batch" in r), None
+        )
         row: dict[str, Any] = {
             "config": name,
             "repeats_ok": len(ok),
@@ -550,42 +681,61 @@ def summarise(
         cfg = CONFIGS[name]
         ceil = ceiling.get("bf16" if cfg["amp"] == "bf16" else "fp32")
         ips = row["train_images_per_s"]
-        row["train_gflops"] = (ips * row["train_flops_per_image"] / 1e9
-                               if ips and row["train_flops_per_image"] else None)
+        row["train_gflops"] = (
+            ips * row["train_flops_per_image"] / 1e9
+            if ips and row["train_flops_per_image"]
+            else None
+        )
         row["ceiling_gflops"] = ceil
-        row["percent_of_ceiling"] = (100.0 * row["train_gflops"] / ceil
-                                     if row["train_gflops"] and ceil else None)
+        row["percent_of_ceiling"] = (
+            100.0 * row["train_gflops"] / ceil if row["train_gflops"] and ceil else None
+        )
         if name == "reference":
             ref_train, ref_eval = row["train_images_per_s"], row["eval_images_per_s"]
         rows.append(row)
     for row in rows:
-        row["train_vs_reference"] = (row["train_images_per_s"] / ref_train
-                                     if ref_train and row["train_images_per_s"] else None)
-        row["eval_vs_reference"] = (row["eval_images_per_s"] / ref_eval
-                                    if ref_eval and row["eval_images_per_s"] else None)
+        row["train_vs_reference"] = (
+            row["train_images_per_s"] / ref_train
+            if ref_train and row["train_images_per_s"]
+            else None
+        )
+        row["eval_vs_reference"] = (
+            row["eval_images_per_s"] / ref_eval if ref_eval and row["eval_images_per_s"] else None
+        )
     return rows
 
 
 def render(rows: list[dict[str, Any]], mem_label: str) -> str:
-    headers = ["config", "train img/s", "GFLOP/s", "% of ceiling", "x ref (train)",
-               "eval img/s", "x ref (eval)", f"train peak {mem_label}", f"eval peak {mem_label}"]
+    headers = [
+        "config",
+        "train img/s",
+        "GFLOP/s",
+        "% of ceiling",
+        "x ref (train)",
+        "eval img/s",
+        "x ref (eval)",
+        f"train peak {mem_label}",
+        f"eval peak {mem_label}",
+    ]
     table = []
     for r in rows:
         if not r["repeats_ok"]:
             table.append([r["config"], "failed", *["-"] * (len(headers) - 2)])
             continue
         mem_mark = "*" if r["memory_peak_since_start"] else ""
-        table.append([
-            r["config"] + ("" if r["train_loss_finite"] else " (NaN loss!)"),
-            fmt(r["train_images_per_s"]),
-            fmt(r["train_gflops"]),
-            fmt(r["percent_of_ceiling"], ".0f", "%"),
-            fmt(r["train_vs_reference"], ".2f", "x"),
-            fmt(r["eval_images_per_s"]),
-            fmt(r["eval_vs_reference"], ".2f", "x"),
-            fmt(r["train_peak_mb"], ".0f", mem_mark),
-            fmt(r["eval_peak_mb"], ".0f", mem_mark),
-        ])
+        table.append(
+            [
+                r["config"] + ("" if r["train_loss_finite"] else " (NaN loss!)"),
+                fmt(r["train_images_per_s"]),
+                fmt(r["train_gflops"]),
+                fmt(r["percent_of_ceiling"], ".0f", "%"),
+                fmt(r["train_vs_reference"], ".2f", "x"),
+                fmt(r["eval_images_per_s"]),
+                fmt(r["eval_vs_reference"], ".2f", "x"),
+                fmt(r["train_peak_mb"], ".0f", mem_mark),
+                fmt(r["eval_peak_mb"], ".0f", mem_mark),
+            ]
+        )
     return format_table(headers, table)
 
 
@@ -602,9 +752,12 @@ def main(argv: list[str] | None = None) -> int:
     warning = busy_warning(info)
     if warning:
         print(warning)
-    print(f"settings: batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps, "
-          f"eval batch {args.eval_batch_size} x {args.eval_batches}, {args.repeats} repeats, "
-          f"configs {names}", flush=True)
+    print(
+        f"settings: batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps, "
+        f"eval batch {args.eval_batch_size} x {args.eval_batches}, {args.repeats} repeats, "
+        f"configs {names}",
+        flush=True,
+    )
 
     check = None
     if not args.no_check:
@@ -612,8 +765,10 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in check or not check.get("ok"):
             print(f"CHECK FAILED: the reference and torchcaps models differ: {check}")
             return 1
-        log(f"check: reference == torchcaps CapsNet (loss {check['loss'][0]:.6f} vs "
-            f"{check['loss'][1]:.6f}, {check['parameters'][0]:,} parameters each)")
+        log(
+            f"check: reference == torchcaps CapsNet (loss {check['loss'][0]:.6f} vs "
+            f"{check['loss'][1]:.6f}, {check['parameters'][0]:,} parameters each)"
+        )
 
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     ceilings: list[dict[str, Any]] = []
@@ -622,49 +777,86 @@ def main(argv: list[str] | None = None) -> int:
         result["repeat"] = repeat
         if name == "ceiling":
             ceilings.append(result)
-            msg = ("failed: " + result["error"] if "error" in result else
-                   f"fp32 {result['fp32_gflops']:.1f}, bf16 {result['bf16_gflops']:.1f} GFLOP/s")
+            msg = (
+                "failed: " + result["error"]
+                if "error" in result
+                else f"fp32 {result['fp32_gflops']:.1f}, bf16 {result['bf16_gflops']:.1f} GFLOP/s"
+            )
         else:
             result["eval_batch_size"] = args.eval_batch_size
             runs[name].append(result)
-            msg = ("failed: " + result["error"] if "error" in result else
-                   f"train {result['train_images_per_s']:.1f} img/s, "
-                   f"eval {result['eval_images_per_s']:.1f} img/s")
+            msg = (
+                "failed: " + result["error"]
+                if "error" in result
+                else f"train {result['train_images_per_s']:.1f} img/s, "
+                f"eval {result['eval_images_per_s']:.1f} img/s"
+            )
         log(f"[repeat {repeat + 1}/{args.repeats}] {name}: {msg} ({result['wall_s']:.1f} s)")
 
     ok_ceil = [c for c in ceilings if "error" not in c]
-    ceiling = {"fp32": median([c["fp32_gflops"] for c in ok_ceil]),
-               "bf16": median([c["bf16_gflops"] for c in ok_ceil])}
+    ceiling = {
+        "fp32": median([c["fp32_gflops"] for c in ok_ceil]),
+        "bf16": median([c["bf16_gflops"] for c in ok_ceil]),
+    }
     rows = summarise(names, runs, ceiling, args.batch_size)
     mem_label = "MB" if not args.device.startswith("cuda") else "MB (alloc)"
     info["load_average_end"] = load_average()
     elapsed = time.perf_counter() - started
 
     print()
-    print(f"torch.mm ceiling ({args.ceiling_size}x{args.ceiling_size}, median of best-of-call "
-          f"per repeat): fp32 {fmt(ceiling['fp32'])} GFLOP/s, bf16 {fmt(ceiling['bf16'])} GFLOP/s")
+    print(
+        f"torch.mm ceiling ({args.ceiling_size}x{args.ceiling_size}, median of best-of-call "
+        f"per repeat): fp32 {fmt(ceiling['fp32'])} GFLOP/s, bf16 {fmt(ceiling['bf16'])} GFLOP/s"
+    )
     flops = {r["config"]: r["train_flops_per_image"] for r in rows if r["train_flops_per_image"]}
     if flops:
-        print("counted FLOPs per training image (FlopCounterMode, matmul/conv only): "
-              + ", ".join(f"{k} {v / 1e9:.3f} G" for k, v in flops.items()))
-    print(f"medians of {args.repeats} repeats; batch {args.batch_size} (train), "
-          f"{args.eval_batch_size} (eval); peak memory above the worker's RSS after imports and "
-          "data loading" + (" (* = since process start)" if any(
-              r["memory_peak_since_start"] for r in rows) else ""))
+        print(
+            "counted FLOPs per training image (FlopCounterMode, matmul/conv only): "
+            + ", ".join(f"{k} {v / 1e9:.3f} G" for k, v in flops.items())
+        )
+    print(
+        f"medians of {args.repeats} repeats; batch {args.batch_size} (train), "
+        f"{args.eval_batch_size} (eval); peak memory of the timed steps above the worker's "
+        "RSS after imports"
+        + (" (* = since process start)" if any(r["memory_peak_since_start"] for r in rows) else "")
+    )
     print(render(rows, mem_label))
     for r in rows:
         for err in r["errors"]:
             print(f"{r['config']} failed: {err}")
     print(f"load average at end {info['load_average_end']}; total {elapsed:.0f} s")
     if args.json:
-        settings = {k: getattr(args, k) for k in (
-            "batch_size", "repeats", "steps", "warmup", "eval_batch_size", "eval_batches",
-            "threads", "num_workers", "device", "ceiling_size", "seed", "quick")}
-        write_json(args.json, {
-            "benchmark": "bench_train", "machine": info, "settings": settings,
-            "configs": names, "check": check, "ceiling_gflops": ceiling, "rows": rows,
-            "raw": {"ceiling": ceilings, **runs}, "total_s": elapsed,
-        })
+        settings = {
+            k: getattr(args, k)
+            for k in (
+                "batch_size",
+                "repeats",
+                "steps",
+                "warmup",
+                "eval_batch_size",
+                "eval_batches",
+                "threads",
+                "num_workers",
+                "device",
+                "ceiling_size",
+                "seed",
+                "quick",
+            )
+        }
+        write_json(
+            args.json,
+            {
+                "benchmark": "bench_train",
+                "machine": info,
+                "settings": settings,
+                "configs": names,
+                "check": check,
+                "ceiling_gflops": ceiling,
+                "rows": rows,
+                "raw": {"ceiling": ceilings, **runs},
+                "total_s": elapsed,
+            },
+        )
         print(f"wrote {args.json}")
     return 0 if all(r["repeats_ok"] for r in rows) else 1
 
