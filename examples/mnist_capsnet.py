@@ -23,6 +23,7 @@ import platform
 import struct
 import sys
 import time
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -394,17 +395,22 @@ def load_mnist(args: argparse.Namespace, log: Any = print) -> MNISTData:
     return MNISTData(*train, *test, source=str(raw))
 
 
-def random_shift(images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
+def random_shift(
+    images: Tensor, max_shift: int, generator: torch.Generator, rank: int = 0, world: int = 1
+) -> Tensor:
     """Shift each image independently by up to ``max_shift`` pixels in x and y, zero padded.
 
     Batched on the images' device: pad, then gather one (H, W) window per sample.
-    ``images``: (B, H, W) uint8 -> (B, H, W) uint8.
+    ``images``: (B, H, W) uint8 -> (B, H, W) uint8. Under data parallelism ``images`` is this
+    rank's shard of a global batch of ``world * B`` images: the offsets are drawn for the whole
+    global batch (the same draw on every rank) and the rank's slice is used, so every image gets
+    the shift it would get in a single-process run with the same seed.
     """
     b, h, w = images.shape
     padded = F.pad(images, (max_shift, max_shift, max_shift, max_shift))
     offsets = torch.randint(
-        0, 2 * max_shift + 1, (2, b), generator=generator, device=generator.device
-    ).to(images.device)
+        0, 2 * max_shift + 1, (2, b * world), generator=generator, device=generator.device
+    )[:, rank * b : (rank + 1) * b].to(images.device)
     rows = (offsets[0].unsqueeze(1) + torch.arange(h, device=images.device)).unsqueeze(2)
     cols = (offsets[1].unsqueeze(1) + torch.arange(w, device=images.device)).unsqueeze(1)
     batch_index = torch.arange(b, device=images.device).view(b, 1, 1)
@@ -494,10 +500,34 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or unsafe."""
 
 
+def _check_zip_records(path: Path) -> None:
+    """Verify the CRC-32 that torch.save stores for every record (torch.load does not check it).
+
+    Without this, bytes flipped inside a tensor's data load silently as wrong weights. Files
+    that are not zip archives (truncated, or the legacy format) are left to torch.load.
+    """
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded safely (truncated or corrupt): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded safely (corrupt: record {bad!r} fails its "
+            "CRC-32 check)"
+        )
+
+
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; any failure names the file."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    _check_zip_records(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
@@ -637,9 +667,10 @@ class Trainer:
         ):
             if step >= steps:
                 break
-            images = to_input(
-                random_shift(self.train_images[idx], 2, self.generator), self.memory_format
+            shifted = random_shift(
+                self.train_images[idx], 2, self.generator, self.dist.rank, self.dist.world
             )
+            images = to_input(shifted, self.memory_format)
             labels = self.train_labels[idx]
             loss, _ = self.loss(images, labels, train=True)
             self.optimizer.zero_grad(set_to_none=True)

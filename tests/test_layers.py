@@ -66,10 +66,13 @@ def test_conv_caps_bad_input() -> None:
         match=r"Conv2dCaps expected input of shape \(B, 256, H, W\), got \(2, 255, 20, 20\)",
     ):
         layer(torch.randn(2, 255, 20, 20))
-    with pytest.raises(ValueError, match=r"N\*D == in_channels == 256, got \(2, 32, 6, 6, 7\)"):
+    with pytest.raises(
+        ValueError, match=r"N\*D == in_channels == 256, got input of shape \(2, 32, 6, 6, 7\)"
+    ):
         layer(torch.randn(2, 32, 6, 6, 7))
     with pytest.raises(
-        ValueError, match=r"feature map \(B, 256, H, W\) or a capsule grid.*got \(256, 20\)"
+        ValueError,
+        match=r"feature map \(B, 256, H, W\) or a capsule grid.*got input of shape \(256, 20\)",
     ):
         layer(torch.randn(256, 20))
     with pytest.raises(ValueError, match="smaller than the kernel"):
@@ -261,3 +264,14 @@ def test_paper_model_bf16_autocast_forward() -> None:
         v = model(x)
     assert v.dtype == torch.float32  # routing ran in float32
     torch.testing.assert_close(v, model(x), atol=2e-3, rtol=5e-2)
+
+
+def test_dtype_mismatch_is_a_type_error_outside_autocast() -> None:
+    layer = Conv2dCaps(3, 2, 4, kernel_size=3)
+    with pytest.raises(
+        TypeError,
+        match="Conv2dCaps: input has dtype torch.float64 but the parameters have torch.float32",
+    ):
+        layer(torch.rand(1, 3, 5, 5, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast reconciles the dtypes
+        assert layer(torch.rand(1, 3, 5, 5, dtype=torch.bfloat16)).shape == (1, 2, 3, 3, 4)

@@ -83,6 +83,19 @@ def check_tensor(name: str, x: Any, *, owner: str) -> Tensor:
     return x
 
 
+def check_param_dtype(name: str, x: Tensor, weight: Tensor, *, owner: str) -> None:
+    """Check that ``x`` has the parameters' dtype, unless autocast handles the mismatch."""
+    if x.dtype == weight.dtype:
+        return
+    device_type = x.device.type
+    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
+        return
+    raise TypeError(
+        f"{owner}: {name} has dtype {x.dtype} but the parameters have {weight.dtype}; "
+        f"convert one of them (e.g. model.to({x.dtype})) or run under torch.autocast"
+    )
+
+
 def check_index_tensor(name: str, x: Any, *, owner: str) -> Tensor:
     """Check that ``x`` is an integer tensor (class indices)."""
     if not isinstance(x, Tensor):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
-from torchcaps._checks import ShapeError, check_int, check_tensor, shape_str
+from torchcaps._checks import ShapeError, check_int, check_param_dtype, check_tensor, shape_str
 from torchcaps.functional import _mask_capsules
 
 __all__ = ["MaskedDecoder"]
@@ -106,6 +107,7 @@ class MaskedDecoder(nn.Module):
                 f"{owner} expected v of shape (B, {self.num_capsules}, {self.capsule_dim}), "
                 f"got {shape_str(v.shape)}"
             )
+        check_param_dtype("v", v, cast(nn.Linear, self.net[0]).weight, owner=owner)
         masked = _mask_capsules(v, target, owner)
         out = self.net(masked.flatten(1))
         return out.view(v.shape[0], *self.out_shape)

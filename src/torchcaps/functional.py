@@ -32,11 +32,11 @@ __all__ = [
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _check_dim(x: Tensor, dim: int, *, owner: str) -> int:
+def _check_dim(x: Tensor, dim: int, *, name: str, owner: str) -> int:
     if isinstance(dim, bool) or not isinstance(dim, int):
         raise TypeError(f"{owner}: dim must be an int, got {type(dim).__name__}")
     if x.dim() == 0:
-        raise ShapeError(f"{owner}: expected a tensor with at least 1 dimension, got shape ()")
+        raise ShapeError(f"{owner}: {name} must have at least 1 dimension, got shape ()")
     if not -x.dim() <= dim < x.dim():
         raise ValueError(
             f"{owner}: dim must be in [{-x.dim()}, {x.dim() - 1}] for input of shape "
@@ -82,11 +82,12 @@ def squash(s: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
         tensor([0.5769, 0.7692])
     """
     check_tensor("s", s, owner="squash")
-    dim = _check_dim(s, dim, owner="squash")
+    dim = _check_dim(s, dim, name="s", owner="squash")
     check_float("eps", eps, minimum=0.0, strict_min=True, owner="squash")
     x = float32_compute(s)
     sq = x.square().sum(dim=dim, keepdim=True)
-    n = torch.sqrt(sq + eps)
+    # clamp: an eps below the dtype's smallest normal number would underflow to 0 at s = 0
+    n = torch.sqrt((sq + eps).clamp_min(torch.finfo(x.dtype).tiny))
     v = x / (n + 1.0 / n)
     return v.to(s.dtype)
 
@@ -115,7 +116,7 @@ def capsule_lengths(v: Tensor, dim: int = -1) -> Tensor:
         tensor([[5., 0.]])
     """
     check_tensor("v", v, owner="capsule_lengths")
-    dim = _check_dim(v, dim, owner="capsule_lengths")
+    dim = _check_dim(v, dim, name="v", owner="capsule_lengths")
     return torch.linalg.vector_norm(float32_compute(v), dim=dim).to(v.dtype)
 
 
@@ -175,8 +176,11 @@ def _margin_loss(
     owner: str,
 ) -> Tensor:
     check_tensor("lengths", lengths, owner=owner)
-    if lengths.dim() != 2:
-        raise ShapeError(f"{owner}: lengths must have shape (B, K), got {shape_str(lengths.shape)}")
+    if lengths.dim() != 2 or lengths.shape[1] == 0:
+        raise ShapeError(
+            f"{owner}: lengths must have shape (B, K) with K >= 1 classes, "
+            f"got {shape_str(lengths.shape)}"
+        )
     check_float("m_pos", m_pos, owner=owner)
     check_float("m_neg", m_neg, owner=owner)
     check_float("lambda_", lambda_, minimum=0.0, owner=owner)
@@ -187,7 +191,9 @@ def _margin_loss(
     present = t * F.relu(m_pos - x).square()
     absent = lambda_ * (1.0 - t) * F.relu(x - m_neg).square()
     loss = (present + absent).sum(dim=1)
-    return _reduce(loss, reduction, owner=owner).to(lengths.dtype)
+    return _reduce(loss, reduction, owner=owner).to(
+        torch.promote_types(lengths.dtype, torch.float32)
+    )
 
 
 def margin_loss(
@@ -232,8 +238,10 @@ def margin_loss(
 
 def _mask_capsules(v: Tensor, target: Tensor | None, owner: str) -> Tensor:
     check_tensor("v", v, owner=owner)
-    if v.dim() != 3:
-        raise ShapeError(f"{owner}: v must have shape (B, K, D), got {shape_str(v.shape)}")
+    if v.dim() != 3 or v.shape[1] == 0:
+        raise ShapeError(
+            f"{owner}: v must have shape (B, K, D) with K >= 1 capsules, got {shape_str(v.shape)}"
+        )
     batch, k, _ = v.shape
     if target is None:
         index = torch.linalg.vector_norm(float32_compute(v), dim=-1).argmax(dim=-1)
@@ -299,7 +307,8 @@ def _reconstruction_loss(
     diff = float32_compute(reconstruction) - float32_compute(target)
     per_image = diff.square().flatten(1).sum(dim=1) if diff.dim() > 1 else diff.square()
     out = _reduce(weight * per_image, reduction, owner=owner)
-    return out.to(torch.promote_types(reconstruction.dtype, target.dtype))
+    out_dtype = torch.promote_types(reconstruction.dtype, target.dtype)
+    return out.to(torch.promote_types(out_dtype, torch.float32))
 
 
 def reconstruction_loss(

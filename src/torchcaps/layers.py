@@ -12,6 +12,7 @@ from torchcaps._checks import (
     ShapeError,
     autocast_dtype_out,
     check_int,
+    check_param_dtype,
     check_tensor,
     float32_compute,
     no_autocast,
@@ -138,7 +139,8 @@ class Conv2dCaps(nn.Module):
             if n * d != self.in_channels:
                 raise ShapeError(
                     f"{owner} expected a capsule grid (B, N, H, W, D) with N*D == in_channels "
-                    f"== {self.in_channels}, got {shape_str(x.shape)} (N*D == {n * d})"
+                    f"== {self.in_channels}, got input of shape {shape_str(x.shape)} "
+                    f"(N*D == {n * d})"
                 )
             x = x.permute(0, 1, 4, 2, 3).reshape(b, n * d, h, w)
         elif x.dim() == 4:
@@ -150,10 +152,12 @@ class Conv2dCaps(nn.Module):
         else:
             raise ShapeError(
                 f"{owner} expected a feature map (B, {self.in_channels}, H, W) or a capsule grid "
-                f"(B, N, H, W, D) with N*D == {self.in_channels}, got {shape_str(x.shape)}"
+                f"(B, N, H, W, D) with N*D == {self.in_channels}, got input of shape "
+                f"{shape_str(x.shape)}"
             )
+        check_param_dtype("input", x, self.conv.weight, owner=owner)
         h_out, w_out = self.output_size(x.shape[2], x.shape[3])
-        if h_out < 1 or w_out < 1:
+        if h_out < 1 or w_out < 1 or x.shape[2] < 1 or x.shape[3] < 1:
             raise ShapeError(
                 f"{owner}: input of spatial size {x.shape[2]}x{x.shape[3]} is smaller than the "
                 f"kernel {self.kernel_size} (padding {self.padding}); got input "
@@ -294,6 +298,7 @@ class DenseCaps(nn.Module):
 
     def forward(self, x: Tensor, return_coupling: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Compute the predictions and route them to the output capsules."""
+        check_tensor("input", x, owner="DenseCaps")
         out_dtype = autocast_dtype_out(x)
         u_hat = self.predictions(x)
         if return_coupling:
