@@ -43,3 +43,9 @@ def dtype(request: pytest.FixtureRequest) -> torch.dtype:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    import torchcaps
+
+    return f"torchcaps {torchcaps.__version__} from {os.path.dirname(torchcaps.__file__)}"
