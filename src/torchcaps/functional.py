@@ -156,6 +156,12 @@ def _target_to_onehot(target: Tensor, lengths: Tensor, *, owner: str) -> Tensor:
     )
 
 
+def _check_reduction(reduction: str, owner: str) -> str:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{owner}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
 def _reduce(loss: Tensor, reduction: str, *, owner: str) -> Tensor:
     if reduction == "mean":
         return loss.mean()
@@ -184,8 +190,7 @@ def _margin_loss(
     check_float("m_pos", m_pos, owner=owner)
     check_float("m_neg", m_neg, owner=owner)
     check_float("lambda_", lambda_, minimum=0.0, owner=owner)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{owner}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    _check_reduction(reduction, owner)
     x = float32_compute(lengths)
     t = _target_to_onehot(target, x, owner=owner)
     present = t * F.relu(m_pos - x).square()
@@ -302,8 +307,7 @@ def _reconstruction_loss(
             f"{shape_str(reconstruction.shape)}, got {shape_str(target.shape)}"
         )
     check_float("weight", weight, minimum=0.0, owner=owner)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{owner}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    _check_reduction(reduction, owner)
     diff = float32_compute(reconstruction) - float32_compute(target)
     per_image = diff.square().flatten(1).sum(dim=1) if diff.dim() > 1 else diff.square()
     out = _reduce(weight * per_image, reduction, owner=owner)

@@ -5,17 +5,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from torchcaps._checks import check_float
-from torchcaps.functional import _margin_loss, _reconstruction_loss
+from torchcaps.functional import _check_reduction, _margin_loss, _reconstruction_loss
 
 __all__ = ["MarginLoss", "ReconstructionLoss"]
-
-_REDUCTIONS = ("mean", "sum", "none")
-
-
-def _check_reduction(reduction: str, owner: str) -> str:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{owner}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    return reduction
 
 
 class MarginLoss(nn.Module):
