@@ -776,7 +776,8 @@ def _run(args: argparse.Namespace, log: Any, dist_info: Dist) -> list[dict[str, 
         out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     if args.resume:
-        state = load_checkpoint(out / "last.pt", map_location=trainer.device)
+        # RNG states must stay CPU ByteTensors; load_state_dict moves the rest to the device.
+        state = load_checkpoint(out / "last.pt", map_location="cpu")
         trainer.load_state_dict(state)
         if dist_info.main:
             _rewrite_metrics(metrics_path, trainer.epoch)
