@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -49,3 +53,21 @@ def pytest_report_header(config: pytest.Config) -> str:
     import torchcaps
 
     return f"torchcaps {torchcaps.__version__} from {os.path.dirname(torchcaps.__file__)}"
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(filename: str, name: str | None = None) -> ModuleType:
+    """Import ``examples/<filename>`` as module ``name`` (once; later calls reuse it)."""
+    path = EXAMPLES / filename
+    name = name or path.stem
+    module = sys.modules.get(name)
+    if module is not None and getattr(module, "__file__", None) == str(path):
+        return module
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -14,7 +14,6 @@ run with the same global batch trains epochs 1-2 straight. Checked:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -25,6 +24,8 @@ from typing import Any
 
 import pytest
 import torch
+
+from conftest import load_example
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "mnist_capsnet.py"
@@ -97,12 +98,7 @@ def _torchrun(record: Path, argv: list[str]) -> None:
 
 
 def _example() -> Any:
-    spec = importlib.util.spec_from_file_location("mnist_capsnet_dist", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["mnist_capsnet_dist"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_example("mnist_capsnet.py", "mnist_capsnet_dist")
 
 
 @pytest.fixture(scope="module")

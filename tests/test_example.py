@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import load_example
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mnist_capsnet.py"
 
 
 @pytest.fixture(scope="module")
 def ex():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("mnist_capsnet", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["mnist_capsnet"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_example("mnist_capsnet.py")
 
 
 def _quiet(*args, **kwargs) -> None:  # type: ignore[no-untyped-def]

@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import struct
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import load_example
 
 VISUALIZE = Path(__file__).resolve().parents[1] / "examples" / "visualize.py"
 
 
 @pytest.fixture(scope="module")
 def vis():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("visualize", VISUALIZE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["visualize"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_example("visualize.py")
 
 
 @pytest.fixture(scope="module")
