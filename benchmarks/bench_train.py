@@ -12,7 +12,9 @@ What one training step is, per configuration (all include the data pipeline):
   ``Trainer.loss`` (``CapsNet`` under the configured autocast, ``MarginLoss`` +
   ``ReconstructionLoss``), backward and the Adam step, exactly as ``Trainer.train_epoch`` does.
   ``-cl`` = channels_last, ``-bf16`` = ``torch.autocast(device, torch.bfloat16)``,
-  ``-compile`` = ``torch.compile`` of the model (``--compile``).
+  ``-compile`` = ``torch.compile`` of the model (``--compile``), ``-native`` = PrimaryCaps with
+  ``conv_impl="native"`` (torch's convolution; the others use ``"auto"``, which on CPU in
+  float32 outside autocast and compile means per-tap matmuls).
 - ``reference``: ``benchmarks/reference_capsnet.py``: a DataLoader over a Dataset of uint8
   images with per-sample torchvision transforms (Pad(2) + RandomCrop(28) + ToTensor), the plain
   CapsNet written from the paper, its loss, backward and Adam.
@@ -79,6 +81,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "channels_last": True,
         "compile": False,
     },
+    "torchcaps-fp32-cl-native": {
+        "impl": "torchcaps",
+        "amp": "none",
+        "channels_last": True,
+        "compile": False,
+        "conv_impl": "native",
+    },
     "torchcaps-bf16": {
         "impl": "torchcaps",
         "amp": "bf16",
@@ -104,7 +113,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "compile": True,
     },
 }
-DEFAULT_CONFIGS = ["reference", "torchcaps-fp32", "torchcaps-fp32-cl", "torchcaps-bf16-cl"]
+DEFAULT_CONFIGS = [
+    "reference",
+    "torchcaps-fp32",
+    "torchcaps-fp32-cl-native",
+    "torchcaps-fp32-cl",
+    "torchcaps-bf16-cl",
+]
 QUICK_CONFIGS = ["reference", "torchcaps-fp32-cl", "torchcaps-bf16-cl"]
 COMPILE_CONFIGS = ["torchcaps-fp32-cl-compile", "torchcaps-bf16-cl-compile"]
 
@@ -308,6 +323,8 @@ class TorchcapsWorkload(Workload):
             "yes" if cfg["channels_last"] else "no",
             "--seed",
             str(args.seed),
+            "--conv-impl",
+            cfg.get("conv_impl", "auto"),
         ]
         if cfg["compile"]:
             argv.append("--compile")

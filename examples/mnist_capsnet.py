@@ -63,10 +63,12 @@ MNIST_SHA256 = {
 class CapsNet(nn.Module):
     """The paper's MNIST CapsNet (8.2M parameters with the decoder, 6.8M without)."""
 
-    def __init__(self, routing_iterations: int = 3, reconstruction: bool = True) -> None:
+    def __init__(
+        self, routing_iterations: int = 3, reconstruction: bool = True, conv_impl: str = "auto"
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(1, 256, kernel_size=9)
-        self.primary = Conv2dCaps(256, 32, 8, kernel_size=9, stride=2)
+        self.primary = Conv2dCaps(256, 32, 8, kernel_size=9, stride=2, conv_impl=conv_impl)
         self.digits = DenseCaps(1152, 8, 10, 16, routing=DynamicRouting(routing_iterations))
         self.decoder = MaskedDecoder(10, 16, (1, 28, 28)) if reconstruction else None
 
@@ -203,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="channels_last memory format for the convolutions (auto: yes; "
         "measured faster on CPU and GPU)",
+    )
+    p.add_argument(
+        "--conv-impl",
+        "--conv_impl",
+        choices=("auto", "native", "matmul"),
+        default="auto",
+        help="how PrimaryCaps computes its convolution (Conv2dCaps conv_impl; auto: per-tap "
+        "matmuls for float32 on CPU, torch's convolution otherwise)",
     )
     p.add_argument(
         "--max-train-samples",
@@ -581,7 +591,9 @@ class Trainer:
         cl = args.channels_last
         use_cl = cl in ("yes", "auto")
         self.memory_format = torch.channels_last if use_cl else torch.contiguous_format
-        self.model = CapsNet(args.routing_iterations, args.reconstruction).to(self.device)
+        self.model = CapsNet(args.routing_iterations, args.reconstruction, args.conv_impl).to(
+            self.device
+        )
         self.model = self.model.to(memory_format=self.memory_format)
         self.num_parameters = count_parameters(self.model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr)

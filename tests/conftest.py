@@ -55,12 +55,12 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"torchcaps {torchcaps.__version__} from {os.path.dirname(torchcaps.__file__)}"
 
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
 
 
-def load_example(filename: str, name: str | None = None) -> ModuleType:
-    """Import ``examples/<filename>`` as module ``name`` (once; later calls reuse it)."""
-    path = EXAMPLES / filename
+def load_script(path: Path, name: str | None = None) -> ModuleType:
+    """Import the script at ``path`` as module ``name`` (once; later calls reuse it)."""
     name = name or path.stem
     module = sys.modules.get(name)
     if module is not None and getattr(module, "__file__", None) == str(path):
@@ -71,3 +71,8 @@ def load_example(filename: str, name: str | None = None) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_example(filename: str, name: str | None = None) -> ModuleType:
+    """Import ``examples/<filename>`` as module ``name`` (once; later calls reuse it)."""
+    return load_script(EXAMPLES / filename, name)

@@ -18,12 +18,14 @@ from torchcaps._checks import (
     no_autocast,
     shape_str,
 )
+from torchcaps._conv import auto_prefers_tap_matmul, tap_matmul_conv2d
 from torchcaps.functional import squash
 from torchcaps.routing import Routing, resolve_routing
 
 __all__ = ["Conv2dCaps", "DenseCaps"]
 
 _IntPair = int | tuple[int, int]
+_CONV_IMPLS = ("auto", "native", "matmul")
 
 
 def _pair(name: str, value: Any, *, minimum: int, owner: str) -> tuple[int, int]:
@@ -60,6 +62,16 @@ class Conv2dCaps(nn.Module):
         stride: convolution stride.
         padding: zero padding on each side.
         bias: whether the convolution has a bias (the paper's does).
+        conv_impl: how the convolution is computed; the result is the same up to float
+            rounding. ``"native"``: :class:`torch.nn.Conv2d` (oneDNN, cuDNN, ...).
+            ``"matmul"``: one matrix product per kernel tap over the channels-last input,
+            in the parameters' dtype with autocast off; on CPUs it is faster than oneDNN
+            for wide layers with large kernels such as the paper's PrimaryCaps
+            (measurements in ``benchmarks/RESULTS.md``). ``"auto"`` (default): ``"matmul"`` for
+            float32 CPU input outside autocast, tracing, ``torch.compile`` and export when
+            both channel counts are at least 256 and the kernel has at least 81 taps
+            (9x9), ``"native"`` otherwise. Double backward (``create_graph=True``) works with
+            every choice.
         device: device of the parameters.
         dtype: dtype of the parameters.
 
@@ -90,11 +102,18 @@ class Conv2dCaps(nn.Module):
         padding: _IntPair = 0,
         *,
         bias: bool = True,
+        conv_impl: Literal["auto", "native", "matmul"] = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         owner = "Conv2dCaps"
+        if conv_impl not in _CONV_IMPLS:
+            raise ValueError(
+                f"{owner}: conv_impl must be one of {', '.join(map(repr, _CONV_IMPLS))}, "
+                f"got {conv_impl!r}"
+            )
+        self.conv_impl = conv_impl
         self.in_channels = check_int("in_channels", in_channels, owner=owner)
         self.out_capsules = check_int("out_capsules", out_capsules, owner=owner)
         self.capsule_dim = check_int("capsule_dim", capsule_dim, owner=owner)
@@ -121,6 +140,7 @@ class Conv2dCaps(nn.Module):
             f"in_channels={self.in_channels}, out_capsules={self.out_capsules}, "
             f"capsule_dim={self.capsule_dim}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}"
+            + (f", conv_impl={self.conv_impl!r}" if self.conv_impl != "auto" else "")
         )
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
@@ -163,7 +183,13 @@ class Conv2dCaps(nn.Module):
                 f"kernel {self.kernel_size} (padding {self.padding}); got input "
                 f"{shape_str(x.shape)}"
             )
-        y = self.conv(x)  # (B, N*D, H', W'), any memory format
+        conv = self.conv
+        if self.conv_impl == "matmul" or (
+            self.conv_impl == "auto" and auto_prefers_tap_matmul(x, conv.weight)
+        ):
+            y = tap_matmul_conv2d(x, conv.weight, conv.bias, self.stride, self.padding)
+        else:
+            y = conv(x)  # (B, N*D, H', W'), any memory format
         y = y.unflatten(1, (self.out_capsules, self.capsule_dim)).permute(0, 1, 3, 4, 2)
         return squash(y, dim=-1)
 
