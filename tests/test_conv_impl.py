@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.autograd import gradcheck, gradgradcheck
 
+import torchcaps._conv
 import torchcaps.layers
 from torchcaps import Conv2dCaps
 from torchcaps._conv import MIN_CHANNELS, MIN_TAPS, auto_prefers_tap_matmul, tap_matmul_conv2d
@@ -223,3 +224,21 @@ def test_bad_conv_impl() -> None:
 def test_conv_impl_in_repr() -> None:
     assert "conv_impl='matmul'" in repr(Conv2dCaps(4, 2, 2, kernel_size=3, conv_impl="matmul"))
     assert "conv_impl" not in repr(Conv2dCaps(4, 2, 2, kernel_size=3))
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 30, 10**9])
+def test_batch_chunks_give_the_same_result(
+    monkeypatch: pytest.MonkeyPatch, chunk_rows: int
+) -> None:
+    # 7 images of 3x5 output positions: chunks of 1, 2 (+ a remainder of 1) and 7 images.
+    monkeypatch.setattr(torchcaps._conv, "CHUNK_ROWS", chunk_rows)
+    x, weight, bias = _inputs((7, 3, 4, 7, 11, (3, 3), (2, 2), (0, 0), True))
+    args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_())
+    y = tap_matmul_conv2d(*args, (2, 2), (0, 0))
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, args, g)
+    expected_y = F.conv2d(*args, stride=2)
+    expected = torch.autograd.grad(expected_y, args, g)
+    torch.testing.assert_close(y, expected_y, atol=1e-12, rtol=1e-10)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
