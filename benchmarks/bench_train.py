@@ -28,7 +28,9 @@ the parent alternates the configurations within each repeat (rotating the order)
 medians over the repeats. Peak memory is the RSS high-water mark of the timed part of each
 phase (reset after the warm-up) above the worker's RSS after its imports (allocator peak on
 CUDA). FLOPs of one step are counted with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls
-and convolutions only), once per configuration; GFLOP/s = counted FLOPs per image x median
+and convolutions only), once per configuration, on the eager model with torch's convolution
+in PrimaryCaps (the same arithmetic as ``conv_impl="matmul"``, whose in-place ``addmm_`` the
+counter does not see); GFLOP/s = counted FLOPs per image x median
 images/s, compared with the ``torch.mm`` ceiling of the same dtype measured in the same run
 (large square matrices).
 """
@@ -379,13 +381,23 @@ class TorchcapsWorkload(Workload):
 
     @contextlib.contextmanager
     def eager(self) -> Iterator[None]:
+        # Also torch's convolution in PrimaryCaps: the FLOPs are the model's whatever computes
+        # them, and FlopCounterMode does not count the in-place addmm_ of conv_impl="matmul".
+        from torchcaps import Conv2dCaps
+
         tr = self.trainer
         net = tr.net
         tr.net = tr.model
+        caps = [mod for mod in tr.model.modules() if isinstance(mod, Conv2dCaps)]
+        impls = [mod.conv_impl for mod in caps]
+        for mod in caps:
+            mod.conv_impl = "native"
         try:
             yield
         finally:
             tr.net = net
+            for mod, impl in zip(caps, impls, strict=True):
+                mod.conv_impl = impl
 
 
 class ReferenceWorkload(Workload):
