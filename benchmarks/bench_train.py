@@ -14,7 +14,9 @@ What one training step is, per configuration (all include the data pipeline):
   ``-cl`` = channels_last, ``-bf16`` = ``torch.autocast(device, torch.bfloat16)``,
   ``-compile`` = ``torch.compile`` of the model (``--compile``), ``-native`` = PrimaryCaps with
   ``conv_impl="native"`` (torch's convolution; the others use ``"auto"``, which on CPU in
-  float32 outside autocast and compile means per-tap matmuls).
+  float32 outside autocast and compile means per-tap matmuls), ``-whole`` = DigitCaps with
+  ``batch_chunk=None`` (the whole batch routed at once; the others use ``"auto"``, which on
+  CPU routes chunks of 22 examples).
 - ``reference``: ``benchmarks/reference_capsnet.py``: a DataLoader over a Dataset of uint8
   images with per-sample torchvision transforms (Pad(2) + RandomCrop(28) + ToTensor), the plain
   CapsNet written from the paper, its loss, backward and Adam.
@@ -89,6 +91,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "channels_last": True,
         "compile": False,
         "conv_impl": "native",
+    },
+    "torchcaps-fp32-cl-whole": {
+        "impl": "torchcaps",
+        "amp": "none",
+        "channels_last": True,
+        "compile": False,
+        "batch_chunk": None,
     },
     "torchcaps-bf16": {
         "impl": "torchcaps",
@@ -332,6 +341,12 @@ class TorchcapsWorkload(Workload):
             argv.append("--compile")
         self.trainer = m.Trainer(m.parse_args(argv), log=lambda *a, **k: None)
         tr = self.trainer
+        if "batch_chunk" in cfg:
+            from torchcaps import DenseCaps
+
+            for mod in tr.model.modules():
+                if isinstance(mod, DenseCaps):
+                    mod.batch_chunk = cfg["batch_chunk"]
         self.device = tr.device
         self.batch_size = args.batch_size
         self.eval_batch_size = args.eval_batch_size
