@@ -38,8 +38,12 @@ def test_auto_chunk_size_from_the_byte_budget() -> None:
     layer = DenseCaps(1152, 8, 10, 16)  # 1152 * 10 * 16 * 4 bytes = 737,280 per example
     u = torch.zeros(100, 1152, 8)
     assert layer._chunk_size(u) == 16 * 1024 * 1024 // 737_280 == 22
-    huge = DenseCaps(4, 1, 4096, 512)  # 33.5 MB per example: one example per chunk
-    assert huge._chunk_size(torch.zeros(3, 4, 1)) == 1
+    # 33.5 MB per example, over the budget: no chunking.
+    assert DenseCaps(4, 1, 4096, 512)._chunk_size(torch.zeros(3, 4, 1)) == 3
+    # 8 MiB per example: chunks of 2 examples, fewer than in_dim = 8, so no chunking ...
+    assert DenseCaps(4, 8, 1024, 512)._chunk_size(torch.zeros(5, 4, 8)) == 5
+    # ... but with in_dim = 2 chunks of 2.
+    assert DenseCaps(4, 2, 1024, 512)._chunk_size(torch.zeros(5, 4, 2)) == 2
     assert DenseCaps(1152, 8, 10, 16, batch_chunk=None)._chunk_size(u) == 100
     assert DenseCaps(1152, 8, 10, 16, batch_chunk=7)._chunk_size(u) == 7
 

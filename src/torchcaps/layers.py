@@ -226,9 +226,8 @@ class DenseCaps(nn.Module):
             examples independently, see :class:`~torchcaps.routing.Routing`). ``None``: the
             whole batch at once. ``"auto"`` (default): on CPU, chunks whose float32
             predictions take at most 16 MiB (22 examples for the paper's DigitCaps), outside
-            tracing, ``torch.compile`` and export; the whole batch otherwise. On a 2-core Xeon
-            this made the paper's DigitCaps 2.8x faster in evaluation (see
-            ``benchmarks/RESULTS.md``).
+            tracing, ``torch.compile`` and export, when such a chunk holds at least ``in_dim``
+            examples; the whole batch otherwise. Measurements in ``benchmarks/RESULTS.md``.
         device: device of the parameters.
         dtype: dtype of the parameters.
 
@@ -382,4 +381,8 @@ class DenseCaps(nn.Module):
         ):
             return max(batch, 1)
         per_example = self.in_capsules * self.out_capsules * self.out_dim * 4
-        return max(1, _AUTO_CHUNK_BYTES // per_example)
+        chunk = _AUTO_CHUNK_BYTES // per_example
+        # Each chunk adds a pass over the weight gradient, in_dim times the size of one
+        # example's predictions: chunks of fewer than in_dim examples would cost more than
+        # they save (measured: 4608 x 8D -> 100 x 16D ran 1.5x slower in chunks of one).
+        return chunk if chunk >= self.in_dim else max(batch, 1)
