@@ -128,6 +128,7 @@ DEFAULT_CONFIGS = [
     "reference",
     "torchcaps-fp32",
     "torchcaps-fp32-cl-native",
+    "torchcaps-fp32-cl-whole",
     "torchcaps-fp32-cl",
     "torchcaps-bf16-cl",
 ]

@@ -27,9 +27,9 @@ __all__ = ["Conv2dCaps", "DenseCaps"]
 _IntPair = int | tuple[int, int]
 _CONV_IMPLS = ("auto", "native", "matmul")
 # DenseCaps(batch_chunk="auto") on CPU: float32 predictions per chunk at most this many bytes.
-# Measured on a 2-core Xeon (benchmarks/bench_routing.py): chunks of 16-32 paper-size examples
-# (12-24 MB) ran the no_grad forward 2.8x faster than whole batches of 128 or 1000; 64 and
-# more (47 MB and up) gained little.
+# On a 2-core Xeon, chunks of 16-32 paper-size examples (12-24 MB) were equally fast and chunks
+# of 64 (47 MB) and more gained little (an exploratory script); the effect on the training step
+# and on routing alone is in benchmarks/RESULTS.md (bench_train.py -whole, bench_routing.py).
 _AUTO_CHUNK_BYTES = 16 * 1024 * 1024
 
 
