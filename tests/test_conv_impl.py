@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -76,6 +78,14 @@ def test_gradients_only_for_what_requires_grad() -> None:
     torch.testing.assert_close(weight.grad, expected, atol=1e-12, rtol=1e-10)
 
 
+def _layer_pair(*args: Any, **kwargs: Any) -> tuple[Conv2dCaps, Conv2dCaps]:
+    """``Conv2dCaps(*args, **kwargs)`` with conv_impl "native" and "matmul", same weights."""
+    native = Conv2dCaps(*args, conv_impl="native", **kwargs)
+    matmul = Conv2dCaps(*args, conv_impl="matmul", **kwargs)
+    matmul.load_state_dict(native.state_dict())
+    return native, matmul
+
+
 @given(
     b=st.integers(1, 3),
     c=st.integers(1, 5),
@@ -92,27 +102,9 @@ def test_layer_impls_agree(
     if size + 2 * padding < k:
         return  # no output position; both implementations reject it with the same ShapeError
     torch.manual_seed(seed)
-    native = Conv2dCaps(
-        c,
-        o,
-        2,
-        kernel_size=k,
-        stride=stride,
-        padding=padding,
-        conv_impl="native",
-        dtype=torch.float64,
+    native, matmul = _layer_pair(
+        c, o, 2, kernel_size=k, stride=stride, padding=padding, dtype=torch.float64
     )
-    matmul = Conv2dCaps(
-        c,
-        o,
-        2,
-        kernel_size=k,
-        stride=stride,
-        padding=padding,
-        conv_impl="matmul",
-        dtype=torch.float64,
-    )
-    matmul.load_state_dict(native.state_dict())
     x = torch.randn(b, c, size, size, dtype=torch.float64)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     y1, y2 = native(x1), matmul(x2)
@@ -126,9 +118,7 @@ def test_layer_impls_agree(
 
 
 def test_paper_primary_caps_float32_agrees() -> None:
-    native = Conv2dCaps(256, 32, 8, kernel_size=9, stride=2, conv_impl="native")
-    matmul = Conv2dCaps(256, 32, 8, kernel_size=9, stride=2, conv_impl="matmul")
-    matmul.load_state_dict(native.state_dict())
+    native, matmul = _layer_pair(256, 32, 8, kernel_size=9, stride=2)
     x = torch.randn(2, 256, 20, 20).contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(matmul(x), native(x), atol=1e-5, rtol=1e-4)
 

@@ -10,7 +10,6 @@ compile here) and ``fullgraph=True``, which fails on any graph break.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import os
 import subprocess
@@ -45,16 +44,6 @@ EXAMPLES = ROOT / "examples"
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _load(name: str, path: Path) -> Any:
-    return load_example(path.name, name)
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
     """One intra-op thread: on a busy 2-core machine, OpenMP threads competing with other
@@ -69,12 +58,12 @@ def _one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def ex() -> Any:
-    return _load("mnist_capsnet", EXAMPLES / "mnist_capsnet.py")
+    return load_example("mnist_capsnet.py")
 
 
 @pytest.fixture(scope="module")
 def export(ex: Any) -> Any:
-    return _load("export_onnx", EXAMPLES / "export_onnx.py")
+    return load_example("export_onnx.py")
 
 
 class SmallCapsNet(nn.Module):

@@ -38,6 +38,20 @@ def is_compiling() -> bool:
     return False  # pragma: no cover - very old torch
 
 
+def in_graph_capture() -> bool:
+    """Whether the code runs under ``torch.jit`` tracing/scripting, ``torch.compile`` or export.
+
+    The automatic CPU fast paths (``conv_impl="auto"``, ``batch_chunk="auto"``) step aside
+    then, so that captured graphs hold the plain operations.
+    """
+    return (
+        torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or is_compiling()
+        or torch.compiler.is_exporting()
+    )
+
+
 def check_int(name: str, value: Any, *, minimum: int = 1, owner: str = "") -> int:
     """Check that ``value`` is an ``int`` (not a bool) of at least ``minimum``."""
     prefix = f"{owner}: " if owner else ""

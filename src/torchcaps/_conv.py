@@ -19,12 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from torchcaps._checks import in_graph_capture
+
 __all__: list[str] = []
 
 # The auto rule: both channel counts at least MIN_CHANNELS and at least MIN_TAPS kernel taps.
 # Measured on a 2-core AVX-512 Xeon (benchmarks/bench_conv.py, table in benchmarks/RESULTS.md):
-# 256 -> 256 channels with 9x9 kernels gain (1.08-1.22x forward+backward); 7x7 and smaller
-# kernels, or 128 channels, lose to oneDNN (0.54-0.98x).
+# 256 -> 256 channels with 9x9 kernels gain (1.19x forward+backward); 7x7 and smaller kernels,
+# or 128 channels, lose to oneDNN (0.54-0.98x).
 MIN_CHANNELS = 256
 MIN_TAPS = 81
 
@@ -166,7 +168,7 @@ def auto_prefers_tap_matmul(x: Tensor, weight: Tensor) -> bool:
     Only plain eager float32 CPU tensors outside autocast, tracing, compilation, export and
     functorch transforms, for wide layers (see :data:`MIN_CHANNELS`, :data:`MIN_TAPS`).
     """
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
+    if in_graph_capture():
         return False
     o, c, kh, kw = weight.shape
     return (
@@ -180,8 +182,6 @@ def auto_prefers_tap_matmul(x: Tensor, weight: Tensor) -> bool:
         and o >= MIN_CHANNELS
         and kh * kw >= MIN_TAPS
         and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
         and not torch._C._functorch.is_functorch_wrapped_tensor(x)
         and not torch._C._functorch.is_functorch_wrapped_tensor(weight)
     )

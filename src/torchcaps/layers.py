@@ -15,6 +15,7 @@ from torchcaps._checks import (
     check_param_dtype,
     check_tensor,
     float32_compute,
+    in_graph_capture,
     no_autocast,
     shape_str,
 )
@@ -310,7 +311,10 @@ class DenseCaps(nn.Module):
         The returned tensor is a transposed view of a ``(B, N_out, N_in, D_out)``-contiguous
         buffer, the layout the routing reductions read fastest.
         """
-        u = self._flatten_input(x)
+        return self._predict(self._flatten_input(x))
+
+    def _predict(self, u: Tensor) -> Tensor:
+        """:meth:`predictions` of an already checked ``(B, N_in, D_in)`` input."""
         batch = u.shape[0]
         with no_autocast(u.device):
             u32 = float32_compute(u)
@@ -353,7 +357,7 @@ class DenseCaps(nn.Module):
         parts = [u] if chunk >= u.shape[0] else list(u.split(chunk))
         vs, cs = [], []
         for part in parts:
-            u_hat = self.predictions(part)
+            u_hat = self._predict(part)
             if return_coupling:
                 v, c = self.routing(u_hat, return_coupling=True)
                 cs.append(c)
@@ -372,13 +376,7 @@ class DenseCaps(nn.Module):
             return max(batch, 1)
         if self.batch_chunk != "auto":
             return self.batch_chunk
-        if (
-            u.device.type != "cpu"
-            or torch.jit.is_tracing()
-            or torch.jit.is_scripting()
-            or torch.compiler.is_compiling()
-            or torch.compiler.is_exporting()
-        ):
+        if u.device.type != "cpu" or in_graph_capture():
             return max(batch, 1)
         per_example = self.in_capsules * self.out_capsules * self.out_dim * 4
         chunk = _AUTO_CHUNK_BYTES // per_example
