@@ -113,14 +113,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="evaluation batch size",
     )
-    p.add_argument("--epochs", type=int, default=30, metavar="N", help="number of epochs")
-    p.add_argument("--lr", type=float, default=0.001, help="Adam learning rate")
+    p.add_argument("--epochs", type=int, default=15, metavar="N", help="number of epochs")
+    p.add_argument("--lr", type=float, default=0.001, help="Adam learning rate (the peak)")
+    p.add_argument(
+        "--lr-schedule",
+        "--lr_schedule",
+        choices=("cosine", "exponential"),
+        default="cosine",
+        help="cosine: from --lr down to --lr-min-factor x --lr along a half cosine, updated "
+        "after every batch over all --epochs; exponential: --lr multiplied by --lr-decay after "
+        "every epoch",
+    )
     p.add_argument(
         "--lr-decay",
         "--lr_decay",
         type=float,
         default=0.9,
-        help="learning rate multiplier applied after every epoch (ExponentialLR)",
+        help="with --lr-schedule exponential: the learning rate multiplier applied after every "
+        "epoch",
+    )
+    p.add_argument(
+        "--lr-min-factor",
+        type=float,
+        default=0.01,
+        help="with --lr-schedule cosine: the final learning rate as a fraction of --lr",
     )
     p.add_argument(
         "--no-cuda", "--no_cuda", action="store_true", help="never use CUDA (same as --device cpu)"
@@ -270,6 +286,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--lr must be a positive number, got {args.lr}")
     if not (0 < args.lr_decay <= 1):
         parser.error(f"--lr-decay must be in (0, 1], got {args.lr_decay}")
+    if not (0 <= args.lr_min_factor <= 1):
+        parser.error(f"--lr-min-factor must be in [0, 1], got {args.lr_min_factor}")
     if not (args.recon_weight >= 0 and math.isfinite(args.recon_weight)):
         parser.error(f"--recon-weight must be >= 0, got {args.recon_weight}")
     if args.embedded_sample and args.data_dir is not None:
@@ -556,6 +574,31 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def cosine_factor(step: int, total_steps: int, min_factor: float) -> float:
+    """Learning-rate multiplier after ``step`` of ``total_steps``: a half cosine from 1 down to
+    ``min_factor``, then held at ``min_factor``."""
+    t = min(step, total_steps) / max(total_steps, 1)
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, args: argparse.Namespace, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule of ``--lr-schedule``.
+
+    The cosine schedule is a ``LambdaLR`` over ``epochs x steps_per_epoch`` batches; only its
+    step count is saved in a checkpoint, so the curve is rebuilt from the command line on
+    ``--resume``.
+    """
+    if args.lr_schedule == "exponential":
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, args.lr_decay)
+    total = args.epochs * steps_per_epoch
+    min_factor = args.lr_min_factor
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_factor(step, total, min_factor)
+    )
+
+
 class Trainer:
     """Everything of one run: data on the device, model, optimiser, schedule and RNG."""
 
@@ -597,7 +640,12 @@ class Trainer:
         self.model = self.model.to(memory_format=self.memory_format)
         self.num_parameters = count_parameters(self.model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr)
-        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, args.lr_decay)
+        self.steps_per_epoch = ntr // args.batch_size
+        if args.max_steps is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, args.max_steps)
+        self.scheduler = make_scheduler(self.optimizer, args, self.steps_per_epoch)
+        # The cosine schedule moves after every batch, the exponential one after every epoch.
+        self.schedule_per_step = args.lr_schedule == "cosine"
         self.scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
         self.margin = MarginLoss()
         self.recon = ReconstructionLoss(args.recon_weight)
@@ -657,9 +705,7 @@ class Trainer:
         args = self.args
         self.net.train()
         n = self.train_images.shape[0]
-        steps = n // args.batch_size
-        if args.max_steps is not None:
-            steps = min(steps, args.max_steps)
+        steps = self.steps_per_epoch
         bar = None
         if progress:
             from tqdm import tqdm
@@ -689,6 +735,8 @@ class Trainer:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.schedule_per_step:
+                self.scheduler.step()
             total += loss.detach()
             seen += 1
             if (step + 1) % args.log_interval == 0 or step + 1 == steps:
@@ -824,7 +872,8 @@ def _run(args: argparse.Namespace, log: Any, dist_info: Dist) -> list[dict[str, 
     while trainer.epoch < args.epochs:
         lr = trainer.optimizer.param_groups[0]["lr"]
         tr = trainer.train_epoch(progress)
-        trainer.scheduler.step()
+        if not trainer.schedule_per_step:
+            trainer.scheduler.step()
         trainer.epoch += 1
         ev = trainer.evaluate()
         record = {"epoch": trainer.epoch, "lr": lr, **tr, **ev}
