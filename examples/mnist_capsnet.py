@@ -838,6 +838,20 @@ def _run(args: argparse.Namespace, log: Any, dist_info: Dist) -> list[dict[str, 
     if args.resume:
         # RNG states must stay CPU ByteTensors; load_state_dict moves the rest to the device.
         state = load_checkpoint(out / "last.pt", map_location="cpu")
+        saved = state.get("args", {})
+        # Checkpoints from before --lr-schedule existed were trained with ExponentialLR.
+        saved_schedule = saved.get("lr_schedule", "exponential")
+        if saved_schedule != args.lr_schedule:
+            raise CheckpointError(
+                f"checkpoint {out / 'last.pt'} was trained with --lr-schedule {saved_schedule}, "
+                f"cannot resume it with --lr-schedule {args.lr_schedule}"
+            )
+        if args.lr_schedule == "cosine" and saved.get("epochs", args.epochs) != args.epochs:
+            log(
+                f"note: the cosine schedule is rebuilt for --epochs {args.epochs} (the checkpoint "
+                f"was written by a run of --epochs {saved['epochs']}): the learning rate jumps "
+                "to that curve; an uninterrupted run would differ"
+            )
         trainer.load_state_dict(state)
         if dist_info.main:
             _rewrite_metrics(metrics_path, trainer.epoch)

@@ -39,6 +39,7 @@ def test_defaults_are_the_papers_best_configuration(ex) -> None:  # type: ignore
     assert (args.batch_size, args.test_batch_size, args.lr, args.seed) == (128, 1000, 0.001, 1)
     assert (args.log_interval, args.routing_iterations, args.reconstruction) == (10, 3, True)
     assert args.recon_weight == 0.0005 and args.amp == "none"
+    assert (args.epochs, args.lr_schedule, args.lr_min_factor) == (15, "cosine", 0.01)
     assert ex.parse_args(["--no-reconstruction"]).reconstruction is False
     assert ex.parse_args(["--with_reconstruction"]).reconstruction is True
     # the original project's underscore spellings and the dashed ones both work
@@ -96,7 +97,10 @@ def test_training_writes_outputs_and_loss_decreases(ex, tmp_path: Path) -> None:
         "lr",
     ):
         assert key in lines[0]
-    assert lines[1]["lr"] == pytest.approx(0.001 * 0.9)
+    # cosine over 3 epochs x 4 batches: after 4 of 12 steps, 0.01 + 0.99 * (1 + cos(pi / 3)) / 2
+    assert lines[0]["lr"] == 0.001
+    assert lines[1]["lr"] == pytest.approx(0.001 * (0.01 + 0.99 * 0.75))
+    assert lines[2]["lr"] == pytest.approx(0.001 * (0.01 + 0.99 * 0.25))
     config = json.loads((out / "config.json").read_text())
     assert config["torch_version"] == torch.__version__ and config["batch_size"] == 32
     assert "device_name" in config
@@ -105,8 +109,59 @@ def test_training_writes_outputs_and_loss_decreases(ex, tmp_path: Path) -> None:
         assert state["epoch"] in (1, 2, 3)
 
 
-def test_resume_continues_the_same_trajectory(ex, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt_after_epoch(n: int):  # type: ignore[no-untyped-def]
+    """A log function that stops the run after epoch ``n``'s summary line (as a kill would)."""
+
+    def log(msg: str = "", *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        if msg.startswith(f"epoch {n:3d} "):
+            raise _Interrupted
+
+    return log
+
+
+def test_cosine_factor_values(ex) -> None:  # type: ignore[no-untyped-def]
+    assert ex.cosine_factor(0, 100, 0.01) == 1.0
+    assert ex.cosine_factor(50, 100, 0.01) == pytest.approx(0.505)
+    assert ex.cosine_factor(25, 100, 0.0) == pytest.approx((1 + 2**-0.5) / 2)
+    assert ex.cosine_factor(100, 100, 0.01) == pytest.approx(0.01)
+    assert ex.cosine_factor(150, 100, 0.01) == pytest.approx(0.01)  # held after the end
+    steps = [ex.cosine_factor(t, 40, 0.1) for t in range(41)]
+    assert all(a > b for a, b in zip(steps, steps[1:]))  # strictly decreasing
+
+
+def test_resume_after_interruption_continues_the_same_trajectory(ex, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # The default (cosine) schedule: the run is stopped after epoch 1, then resumed.
     common = SMALL + ["--batch-size", "16", "--max-train-samples", "64", "--max-steps", "2"]
+    common += ["--epochs", "3"]
+    straight = ex.run(common + ["--out-dir", str(tmp_path / "a")], log=_quiet)
+    with pytest.raises(_Interrupted):
+        ex.run(common + ["--out-dir", str(tmp_path / "b")], log=_interrupt_after_epoch(1))
+    resumed = ex.run(common + ["--resume", "--out-dir", str(tmp_path / "b")], log=_quiet)
+    assert [r["epoch"] for r in resumed] == [2, 3]
+    for a, b in zip(straight[1:], resumed):
+        assert a["lr"] == b["lr"]
+        assert a["train_loss"] == b["train_loss"]  # bitwise identical on CPU
+        assert a["test_loss"] == b["test_loss"]
+    metrics = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in metrics] == [1, 2, 3]
+
+
+def test_resume_with_another_schedule_fails_clearly(ex, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    common = SMALL + ["--batch-size", "16", "--max-train-samples", "64", "--max-steps", "1"]
+    common += ["--out-dir", str(tmp_path), "--epochs", "1"]
+    ex.run(common + ["--lr-schedule", "exponential"], log=_quiet)
+    with pytest.raises(ex.CheckpointError, match="--lr-schedule exponential, cannot resume"):
+        ex.run(common + ["--resume", "--lr-schedule", "cosine"], log=_quiet)
+
+
+def test_resume_continues_the_same_trajectory(ex, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # The exponential schedule does not depend on --epochs, so a finished run can be extended.
+    common = SMALL + ["--batch-size", "16", "--max-train-samples", "64", "--max-steps", "2"]
+    common += ["--lr-schedule", "exponential"]
     straight = ex.run(common + ["--epochs", "3", "--out-dir", str(tmp_path / "a")], log=_quiet)
     ex.run(common + ["--epochs", "1", "--out-dir", str(tmp_path / "b")], log=_quiet)
     resumed = ex.run(
@@ -128,6 +183,11 @@ def test_bad_arguments_fail_clearly(ex, tmp_path: Path, capsys) -> None:  # type
         ex.parse_args(["--amp", "fp8"])
     with pytest.raises(SystemExit):
         ex.parse_args(["--lr-decay", "1.5"])
+    with pytest.raises(SystemExit):
+        ex.parse_args(["--lr-min-factor", "-0.1"])
+    assert "--lr-min-factor must be in [0, 1], got -0.1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ex.parse_args(["--lr-schedule", "step"])
     missing = tmp_path / "nowhere"
     with pytest.raises(ex.DataError, match=f"--data-dir {missing}: MNIST expected at"):
         ex.run(["--data-dir", str(missing), "--no-download", "--epochs", "0"], log=_quiet)
