@@ -42,6 +42,10 @@ ARGS = [
     "32",
     "--max-steps",
     "2",
+    # The DDP run stops after epoch 1 (--epochs 1) and resumes with --epochs 2; the exponential
+    # schedule does not depend on --epochs, the cosine one would change with it.
+    "--lr-schedule",
+    "exponential",
     "--quiet",
     "--threads",
     "1",
