@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--lr-min-factor",
+        "--lr_min_factor",
         type=float,
         default=0.01,
         help="with --lr-schedule cosine: the final learning rate as a fraction of --lr",
@@ -683,6 +684,14 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
+            # The optimiser state holds the learning rate of the run that wrote the checkpoint;
+            # set it from this run's curve (the same value unless --epochs changed).
+            sched = self.scheduler
+            for group, base, fn in zip(
+                self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True
+            ):
+                group["lr"] = base * fn(sched.last_epoch)
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         self.generator.set_state(state["rng"]["data"].to(self.generator.get_state().device))

@@ -158,6 +158,20 @@ def test_resume_with_another_schedule_fails_clearly(ex, tmp_path: Path) -> None:
         ex.run(common + ["--resume", "--lr-schedule", "cosine"], log=_quiet)
 
 
+def test_resume_of_a_cosine_run_with_other_epochs_says_so(ex, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    common = SMALL + ["--batch-size", "16", "--max-train-samples", "64", "--max-steps", "2"]
+    common += ["--out-dir", str(tmp_path)]
+    ex.run(common + ["--epochs", "1"], log=_quiet)
+    said: list[str] = []
+    history = ex.run(
+        common + ["--epochs", "2", "--resume"], log=lambda m="", *a, **k: said.append(m)
+    )
+    assert any(m.startswith("note: the cosine schedule is rebuilt for --epochs 2") for m in said)
+    # the one-epoch run ended on its floor (step 2 of 2); epoch 2 starts at step 2 of the new
+    # 4-step curve, its midpoint, from the first batch on
+    assert history[0]["lr"] == pytest.approx(0.001 * (0.01 + 0.99 * 0.5))
+
+
 def test_resume_continues_the_same_trajectory(ex, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     # The exponential schedule does not depend on --epochs, so a finished run can be extended.
     common = SMALL + ["--batch-size", "16", "--max-train-samples", "64", "--max-steps", "2"]
