@@ -23,6 +23,8 @@ def _quiet(*args, **kwargs) -> None:  # type: ignore[no-untyped-def]
 
 
 SMALL = ["--embedded-sample", "--quiet", "--max-test-samples", "64", "--test-batch-size", "32"]
+# a few 16-image batches per epoch: for the resume tests
+TINY = SMALL + ["--batch-size", "16", "--max-train-samples", "64", "--max-steps", "2"]
 
 
 def test_paper_model(ex) -> None:  # type: ignore[no-untyped-def]
@@ -135,7 +137,7 @@ def test_cosine_factor_values(ex) -> None:  # type: ignore[no-untyped-def]
 
 def test_resume_after_interruption_continues_the_same_trajectory(ex, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     # The default (cosine) schedule: the run is stopped after epoch 1, then resumed.
-    common = SMALL + ["--batch-size", "16", "--max-train-samples", "64", "--max-steps", "2"]
+    common = list(TINY)
     common += ["--epochs", "3"]
     straight = ex.run(common + ["--out-dir", str(tmp_path / "a")], log=_quiet)
     with pytest.raises(_Interrupted):
@@ -151,7 +153,7 @@ def test_resume_after_interruption_continues_the_same_trajectory(ex, tmp_path: P
 
 
 def test_resume_with_another_schedule_fails_clearly(ex, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    common = SMALL + ["--batch-size", "16", "--max-train-samples", "64", "--max-steps", "1"]
+    common = TINY + ["--max-steps", "1"]
     common += ["--out-dir", str(tmp_path), "--epochs", "1"]
     ex.run(common + ["--lr-schedule", "exponential"], log=_quiet)
     with pytest.raises(ex.CheckpointError, match="--lr-schedule exponential, cannot resume"):
@@ -159,7 +161,7 @@ def test_resume_with_another_schedule_fails_clearly(ex, tmp_path: Path) -> None:
 
 
 def test_resume_of_a_cosine_run_with_other_epochs_says_so(ex, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    common = SMALL + ["--batch-size", "16", "--max-train-samples", "64", "--max-steps", "2"]
+    common = list(TINY)
     common += ["--out-dir", str(tmp_path)]
     ex.run(common + ["--epochs", "1"], log=_quiet)
     said: list[str] = []
@@ -174,7 +176,7 @@ def test_resume_of_a_cosine_run_with_other_epochs_says_so(ex, tmp_path: Path) ->
 
 def test_resume_continues_the_same_trajectory(ex, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     # The exponential schedule does not depend on --epochs, so a finished run can be extended.
-    common = SMALL + ["--batch-size", "16", "--max-train-samples", "64", "--max-steps", "2"]
+    common = list(TINY)
     common += ["--lr-schedule", "exponential"]
     straight = ex.run(common + ["--epochs", "3", "--out-dir", str(tmp_path / "a")], log=_quiet)
     ex.run(common + ["--epochs", "1", "--out-dir", str(tmp_path / "b")], log=_quiet)
