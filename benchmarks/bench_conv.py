@@ -15,7 +15,7 @@ output, input gradient and weight gradient, each relative to the native result's
 magnitude, is printed.
 
 The ``auto`` column says which implementation ``conv_impl="auto"`` picks for the shape, so
-the table is also the evidence for that rule (``torchcaps._conv.MIN_CHANNELS``/``MIN_TAPS``).
+the table is also the evidence for that rule (``torchcaps.layers._tap_matmul.MIN_CHANNELS``/``MIN_TAPS``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from _common import (
     write_json,
 )
 from torchcaps import Conv2dCaps
-from torchcaps._conv import auto_prefers_tap_matmul
+from torchcaps.layers._tap_matmul import auto_prefers_tap_matmul
 
 # name, batch, in_channels, out_capsules, capsule_dim, kernel, stride, padding, input size
 SHAPES: list[tuple[str, int, int, int, int, int, int, int, int]] = [

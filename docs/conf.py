@@ -114,6 +114,20 @@ html_theme_options = {
 }
 html_show_sourcelink = False
 
+# -- Math: MathJax shipped with the docs, so the formulas render offline -----------------------
+# Sphinx's default loads MathJax from a CDN: without a network every formula stayed raw LaTeX.
+# docs/_static/mathjax/ holds one self-contained MathJax 3 file (TeX input with all extensions,
+# SVG output with its fonts; provenance and update steps in MathJax-README.txt there), which
+# html_static_path copies into _static/ of the HTML.
+_MATHJAX = DOCS / "_static" / "mathjax" / "tex-svg-full.js"
+if not _MATHJAX.is_file():
+    raise FileNotFoundError(f"{_MATHJAX} is missing; see docs/_static/mathjax/MathJax-README.txt")
+html_static_path = [str(_MATHJAX.parent.relative_to(DOCS))]
+mathjax_path = _MATHJAX.name  # relative to _static/
+# The delimiters Sphinx writes around :math: and .. math:: (mathjax_inline, mathjax_display),
+# and no others. myst-parser adds its processHtmlClass option to this dict.
+mathjax3_config = {"tex": {"inlineMath": [[r"\(", r"\)"]], "displayMath": [[r"\[", r"\]"]]}}
+
 # -- MyST --------------------------------------------------------------------------------------
 myst_enable_extensions = ["dollarmath"]
 myst_heading_anchors = 3

@@ -1,16 +1,16 @@
-"""Export the MNIST CapsNet of ``mnist_capsnet.py`` to ONNX for inference.
+"""Export a trained model of the examples (any registered model) to ONNX for inference.
 
     python examples/export_onnx.py --checkpoint runs/mnist_capsnet/best.pt --out capsnet.onnx
     python examples/export_onnx.py --out capsnet.onnx            # untrained model: a smoke test
     python examples/export_onnx.py --checkpoint best.pt --lengths-only --verify 100
 
-The exported graph is the evaluation model: ``images`` (B, 1, 28, 28), float32 in [0, 1] ->
-``lengths`` (B, 10), the digit capsules' lengths (the prediction is their argmax), and, unless
-``--lengths-only`` (or a checkpoint trained with ``--no-reconstruction``), ``reconstruction``
-(B, 1, 28, 28), the decoder's output masked by the longest capsule (``target=None``). The batch
-dimension is dynamic. The checkpoint is read with ``load_checkpoint`` of the training example
-(``weights_only=True``: a checkpoint that carries code is refused); its saved arguments pick
-the routing iterations and whether the decoder exists.
+The exported graph is the evaluation model: ``images`` (B, *in_shape), float32 in [0, 1] ->
+``lengths`` (B, K), the class scores (for CapsNet the capsules' lengths; the prediction is their
+argmax), and, unless ``--lengths-only`` (or a model without decoder), ``reconstruction``
+(B, *in_shape), the decoder's output masked by the prediction (``target=None``). The batch
+dimension is dynamic. The checkpoint is read with ``runtime.load_model`` (``weights_only=True``:
+a checkpoint that carries code is refused), which rebuilds the model from the registry name and
+keyword arguments stored in it.
 
 Exporter: ``torch.onnx.export(..., dynamo=True)``, the ``torch.export``-based exporter, opset 18
 by default (``--opset``). It needs the ``onnx`` and ``onnxscript`` packages
@@ -46,36 +46,28 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-HERE = Path(__file__).resolve().parent
-INPUT_SHAPE = (1, 28, 28)
+import runtime
+from torchcaps.models import get_model, list_models
 
 
-def _example() -> Any:
-    """The training example's module (``CapsNet``, ``load_checkpoint``, ``CheckpointError``)."""
-    module = sys.modules.get("mnist_capsnet")
-    if module is not None and hasattr(module, "CapsNet"):
-        return module
-    spec = importlib.util.spec_from_file_location("mnist_capsnet", HERE / "mnist_capsnet.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["mnist_capsnet"] = module
-    spec.loader.exec_module(module)
-    return module
+class InferenceModel(nn.Module):
+    """The evaluation forward of a registered model: images -> scores (and the reconstruction).
 
-
-class InferenceCapsNet(nn.Module):
-    """The evaluation forward of ``CapsNet``: images -> lengths (and the reconstruction)."""
+    The decoder is masked by the prediction (``target=None``).
+    """
 
     def __init__(self, model: nn.Module, reconstruction: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.in_shape = tuple(model.in_shape)
         self.reconstruction = reconstruction and getattr(model, "decoder", None) is not None
 
     def forward(self, images: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        lengths, recon = self.model(images)  # target=None: masked by the prediction
+        out = self.model(images)
         if self.reconstruction:
-            return lengths, recon
-        return lengths
+            assert out.reconstruction is not None
+            return out.scores, out.reconstruction
+        return out.scores
 
     @property
     def output_names(self) -> list[str]:
@@ -83,32 +75,23 @@ class InferenceCapsNet(nn.Module):
 
 
 def build_model(
-    checkpoint: Path | None, *, lengths_only: bool = False, seed: int = 0
-) -> InferenceCapsNet:
-    """The inference model from ``checkpoint`` (or untrained, seeded, when it is None)."""
-    ex = _example()
-    iterations, reconstruction = 3, True
-    state = None
+    checkpoint: Path | None,
+    *,
+    lengths_only: bool = False,
+    seed: int = 0,
+    model_name: str = "capsnet_mnist",
+) -> InferenceModel:
+    """The inference model of ``checkpoint`` (or untrained ``model_name``, seeded, when None)."""
     if checkpoint is not None:
-        state = ex.load_checkpoint(checkpoint)
-        saved = state.get("args") or {}
-        iterations = int(saved.get("routing_iterations", iterations))
-        reconstruction = bool(saved.get("reconstruction", reconstruction))
-    torch.manual_seed(seed)
-    model = ex.CapsNet(iterations, reconstruction)
-    if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise ex.CheckpointError(
-                f"checkpoint {checkpoint} does not hold this CapsNet's weights: "
-                f"{str(exc).splitlines()[0]}"
-            ) from exc
-    return InferenceCapsNet(model, reconstruction and not lengths_only).eval()
+        model, _ = runtime.load_model(checkpoint)
+    else:
+        torch.manual_seed(seed)
+        model = get_model(model_name).eval()
+    return InferenceModel(model, not lengths_only).eval()
 
 
 def export_onnx(
-    model: InferenceCapsNet, out: Path, *, opset: int = 18, verbose: bool = False
+    model: InferenceModel, out: Path, *, opset: int = 18, verbose: bool = False
 ) -> Path:
     """Export ``model`` to ``out`` with a dynamic batch dimension; return ``out``."""
     for package in ("onnx", "onnxscript"):
@@ -116,7 +99,7 @@ def export_onnx(
             raise SystemExit(
                 f"ONNX export needs the {package!r} package: pip install onnx onnxscript"
             )
-    example = torch.rand(2, *INPUT_SHAPE)
+    example = torch.rand(2, *model.in_shape)
     batch = torch.export.Dim("batch", min=1, max=65536)
     out.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
@@ -136,7 +119,7 @@ def export_onnx(
     return out
 
 
-def verify_onnx(model: InferenceCapsNet, path: Path, n: int = 100, seed: int = 0) -> dict[str, Any]:
+def verify_onnx(model: InferenceModel, path: Path, n: int = 100, seed: int = 0) -> dict[str, Any]:
     """Run the ONNX model with onnxruntime on ``n`` random images; compare with PyTorch.
 
     Returns the largest absolute difference of each output and the number of samples whose
@@ -147,7 +130,7 @@ def verify_onnx(model: InferenceCapsNet, path: Path, n: int = 100, seed: int = 0
     except ImportError as exc:
         raise SystemExit("--verify needs onnxruntime: pip install onnxruntime") from exc
     g = torch.Generator().manual_seed(seed)
-    images = torch.rand(n, *INPUT_SHAPE, generator=g)
+    images = torch.rand(n, *model.in_shape, generator=g)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"images": images.numpy()})
     with torch.no_grad():
@@ -185,16 +168,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare with PyTorch on N random images via onnxruntime (0: skip)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of an untrained model")
+    p.add_argument(
+        "--model",
+        default="capsnet_mnist",
+        choices=list_models(),
+        help="the registered model to export untrained when there is no --checkpoint",
+    )
     p.add_argument("--verbose", action="store_true", help="the exporter's progress messages")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    ex = _example()
     try:
-        model = build_model(args.checkpoint, lengths_only=args.lengths_only, seed=args.seed)
-    except ex.CheckpointError as exc:
+        model = build_model(
+            args.checkpoint, lengths_only=args.lengths_only, seed=args.seed, model_name=args.model
+        )
+    except runtime.CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.checkpoint is None:

@@ -52,14 +52,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import math
 import struct
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -73,25 +71,9 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor, nn
 
-EXAMPLES_DIR = Path(__file__).resolve().parent
-
-
-def _import_example() -> ModuleType:
-    """Import ``mnist_capsnet.py`` from this file's folder (reusing it when already imported)."""
-    path = EXAMPLES_DIR / "mnist_capsnet.py"
-    module = sys.modules.get("mnist_capsnet")
-    if module is not None and Path(getattr(module, "__file__", "")).resolve() == path:
-        return module
-    spec = importlib.util.spec_from_file_location("mnist_capsnet", path)
-    if spec is None or spec.loader is None:  # pragma: no cover - the file ships beside this one
-        raise ImportError(f"cannot import the training example {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["mnist_capsnet"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ex = _import_example()
+import loaders
+import runtime
+from engine import to_input
 
 DPI = 100  # 1 inch = 100 pixels; every layout below is given in pixels.
 FIGURES = ("reconstructions", "perturbations", "coupling", "curves")
@@ -190,7 +172,7 @@ def as_input(images: Tensor, device: torch.device | str | None = None) -> Tensor
             images = images.unsqueeze(0)
         elif images.dim() == 4 and images.shape[1] == 1:
             images = images[:, 0]
-        x = ex.to_input(images, torch.contiguous_format)
+        x = to_input(images, torch.contiguous_format)
     else:
         x = images.float()
         if x.dim() == 2:
@@ -236,8 +218,8 @@ def predict(model: nn.Module, images: Tensor, batch_size: int = 250, device: Any
     out = []
     with _evaluating(model):
         for s in range(0, images.shape[0], batch_size):
-            lengths, _ = model(as_input(images[s : s + batch_size], device))
-            out.append(lengths.argmax(dim=1).cpu())
+            scores = model(as_input(images[s : s + batch_size], device)).scores
+            out.append(scores.argmax(dim=1).cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
@@ -354,8 +336,9 @@ def plot_reconstructions(
     device = _device_of(model) if device is None else device
     x = as_input(images, device)
     with _evaluating(model):
-        lengths, recon = model(x)  # the decoder masks with the longest capsule: the prediction
-    pred = lengths.argmax(dim=1).cpu()
+        out = model(x)  # the decoder masks with the longest capsule: the prediction
+    recon = out.reconstruction
+    pred = out.scores.argmax(dim=1).cpu()
     inputs = x[:, 0].float().cpu().numpy()
     outputs = recon[:, 0].float().cpu().numpy()
     labels = labels.cpu()
@@ -774,54 +757,24 @@ def plot_curves(metrics_path: str | Path, path: str | Path) -> Path:
 # Checkpoints and data
 # --------------------------------------------------------------------------------------------
 def load_model(checkpoint: str | Path, device: Any = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the example's ``CapsNet`` from a checkpoint; returns (model in eval mode, state).
+    """Rebuild a checkpoint's model (``runtime.load_model``); returns (model in eval mode, state).
 
-    ``state`` is the checkpoint's dict without its tensors' owners: ``epoch`` and ``args``.
-
-    The decoder is present when the checkpoint's weights hold one; the routing iterations come
-    from the checkpoint's ``args`` (3 when absent).
+    ``state`` holds the checkpoint's ``epoch``, ``args``, ``model_name`` and ``model_kwargs``.
     """
-    path = Path(checkpoint)
-    state = ex.load_checkpoint(path, map_location="cpu")
-    args = state.get("args") or {}
-    weights = state["model"]
-    if not isinstance(weights, dict):
-        raise ex.CheckpointError(f"checkpoint {path}: 'model' is not a state dict")
-    for prefix in ("_orig_mod.", "module."):  # compiled or data-parallel wrappers
-        if weights and all(k.startswith(prefix) for k in weights):
-            weights = {k[len(prefix) :]: w for k, w in weights.items()}
-    reconstruction = any(k.startswith("decoder.") for k in weights)
-    model = ex.CapsNet(int(args.get("routing_iterations", 3)), reconstruction)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise ex.CheckpointError(
-            f"checkpoint {path} does not hold the example's CapsNet: {str(exc).splitlines()[0]}"
-        ) from exc
-    return model.to(device).eval(), {"epoch": state.get("epoch"), "args": dict(args)}
+    model, state = runtime.load_model(Path(checkpoint), device)
+    keys = ("epoch", "args", "model_name", "model_kwargs")
+    return model, {k: state.get(k) for k in keys} | {"args": dict(state.get("args") or {})}
 
 
 def load_test_set(data_dir: Path | None, log: Any = print) -> tuple[Tensor, Tensor, str]:
     """The MNIST test digits (uint8 (N, 28, 28), labels (N,)) and a description of the source.
 
-    ``data_dir`` in torchvision layout (``data_dir/MNIST/raw/t10k-*-ubyte``), read with the
-    example's idx reader; None: the embedded 1,000-digit sample of the example.
+    ``data_dir`` in torchvision layout (``data_dir/MNIST/raw/t10k-*-ubyte``); None: the
+    embedded 1,000-digit sample.
     """
-    if data_dir is None:
-        data = ex.load_embedded()
-        log("using the embedded sample: the first 1,000 MNIST test digits (pass --data-dir)")
-        return data.test_images, data.test_labels, "embedded sample"
-    raw = Path(data_dir) / "MNIST" / "raw"
-    image_name, label_name, _ = ex.MNIST_FILES["test"]
-    missing = [name for name in (image_name, label_name) if not (raw / name).is_file()]
-    if missing:
-        raise ex.DataError(
-            f"--data-dir {data_dir}: the MNIST test set is expected at {raw}/{{{image_name},"
-            f"{label_name}}} (torchvision layout); missing: {', '.join(missing)}"
-        )
-    images, labels = ex._load_split(raw, "test")
-    log(f"using the MNIST test set from {raw}: {len(labels):,} digits")
-    return images, labels, str(raw)
+    data = loaders.load_mnist_test(data_dir, log)
+    source = "embedded sample" if data_dir is None else data.source
+    return data.test_images, data.test_labels, source
 
 
 # --------------------------------------------------------------------------------------------
@@ -1071,7 +1024,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         written = run(args)
-    except (VisualizeError, ex.CheckpointError, ex.DataError) as exc:
+    except (VisualizeError, runtime.CheckpointError, loaders.DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not written:

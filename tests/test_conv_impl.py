@@ -11,10 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.autograd import gradcheck, gradgradcheck
 
-import torchcaps._conv
+import torchcaps.layers._tap_matmul
 import torchcaps.layers
 from torchcaps import Conv2dCaps
-from torchcaps._conv import MIN_CHANNELS, MIN_TAPS, auto_prefers_tap_matmul, tap_matmul_conv2d
+from torchcaps.layers._tap_matmul import MIN_CHANNELS, MIN_TAPS, auto_prefers_tap_matmul, tap_matmul_conv2d
 
 CONFIGS = [
     # (B, C, O, H, W, k, stride, padding, bias)
@@ -221,7 +221,7 @@ def test_batch_chunks_give_the_same_result(
     monkeypatch: pytest.MonkeyPatch, chunk_rows: int
 ) -> None:
     # 7 images of 3x5 output positions: chunks of 1, 2 (+ a remainder of 1) and 7 images.
-    monkeypatch.setattr(torchcaps._conv, "CHUNK_ROWS", chunk_rows)
+    monkeypatch.setattr(torchcaps.layers._tap_matmul, "CHUNK_ROWS", chunk_rows)
     x, weight, bias = _inputs((7, 3, 4, 7, 11, (3, 3), (2, 2), (0, 0), True))
     args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_())
     y = tap_matmul_conv2d(*args, (2, 2), (0, 0))

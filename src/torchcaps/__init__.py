@@ -4,11 +4,12 @@ Composable modules for capsule networks (`Sabour et al. 2017
 <https://arxiv.org/abs/1710.09829>`_): :func:`squash`, :class:`Conv2dCaps`, :class:`DenseCaps`
 with a pluggable :class:`Routing` algorithm (:class:`DynamicRouting`), :class:`MarginLoss`,
 :class:`ReconstructionLoss` and :class:`MaskedDecoder`. Functional forms live in
-:mod:`torchcaps.functional`, test helpers in :mod:`torchcaps.testing`.
+:mod:`torchcaps.functional`, reference models (built by name) in :mod:`torchcaps.models`, test
+helpers in :mod:`torchcaps.testing`.
 """
 
-from torchcaps import functional, routing, testing
-from torchcaps._checks import ShapeError
+from torchcaps import errors, functional, layers, models, routing, testing
+from torchcaps.errors import ShapeError
 from torchcaps._version import __version__
 from torchcaps.decoders import MaskedDecoder
 from torchcaps.functional import capsule_lengths, squash
@@ -27,7 +28,10 @@ __all__ = [
     "ShapeError",
     "__version__",
     "capsule_lengths",
+    "errors",
     "functional",
+    "layers",
+    "models",
     "resolve_routing",
     "routing",
     "squash",

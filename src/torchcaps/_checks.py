@@ -16,13 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from torchcaps.errors import ShapeError
+
 # Devices on which ``torch.autocast`` exists.
 _AUTOCAST_DEVICES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu", "mtia"})
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-class ShapeError(ValueError):
-    """A tensor argument has the wrong shape (a :class:`ValueError`)."""
 
 
 def shape_str(shape: Sequence[int]) -> str:
@@ -32,10 +30,21 @@ def shape_str(shape: Sequence[int]) -> str:
 
 def is_compiling() -> bool:
     """Whether the code is being traced by ``torch.compile`` / ``torch.export``."""
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):
-        return bool(compiler.is_compiling())
-    return False  # pragma: no cover - very old torch
+    return bool(torch.compiler.is_compiling())
+
+
+def is_exporting() -> bool:
+    """Whether the code is being traced by ``torch.export``."""
+    return bool(torch.compiler.is_exporting())
+
+
+def is_functorch_wrapped(x: Tensor) -> bool:
+    """Whether ``x`` is wrapped by a functorch transform (``vmap``, ``grad``, ...).
+
+    The one place that calls torch's private API for this; the CPU fast paths step aside for
+    such tensors.
+    """
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
 def in_graph_capture() -> bool:
@@ -48,7 +57,7 @@ def in_graph_capture() -> bool:
         torch.jit.is_tracing()
         or torch.jit.is_scripting()
         or is_compiling()
-        or torch.compiler.is_exporting()
+        or is_exporting()
     )
 
 
@@ -86,6 +95,13 @@ def check_float(
     return value
 
 
+def check_choice(name: str, value: Any, choices: Sequence[Any], *, owner: str) -> Any:
+    """Check that ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{owner}: {name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
 def check_tensor(name: str, x: Any, *, owner: str) -> Tensor:
     """Check that ``x`` is a real floating-point tensor."""
     if not isinstance(x, Tensor):
@@ -95,6 +111,51 @@ def check_tensor(name: str, x: Any, *, owner: str) -> Tensor:
             f"{owner}: {name} must be a real floating-point tensor, got dtype {x.dtype}"
         )
     return x
+
+
+def check_shape(
+    x: Any,
+    dims: str,
+    *,
+    name: str,
+    owner: str,
+    empty_ok: Sequence[str] = ("B",),
+    note: str = "",
+    **sizes: int,
+) -> dict[str, Any]:
+    """Check the shape of tensor ``x`` against ``dims``; return the size bound to each name.
+
+    ``dims`` names the dimensions, separated by spaces (``"B N_in N_out D_out"``). A name given
+    in ``sizes`` must have that size; a number is a fixed size; any other name binds to what
+    ``x`` has, and a name used twice must have the same size both times. Every dimension must be
+    at least 1 except those named in ``empty_ok``. On a mismatch a :class:`ShapeError` says
+    ``"<owner> expected <name> of shape (B, 1152, 8)<note>, got (2, 1151, 8)"``, the known
+    sizes filled in. Only Python integer comparisons: this runs under ``torch.compile`` too.
+
+    Examples:
+        >>> import torch
+        >>> check_shape(torch.zeros(2, 5, 3), "B K D", name="v", owner="f", D=3)
+        {'B': 2, 'K': 5, 'D': 3}
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    names = dims.split()
+    expected = "(" + ", ".join(str(sizes.get(d, d)) for d in names) + ")"
+    if len(names) == 1:
+        expected = expected[:-1] + ",)"
+    shape = x.shape  # not converted to int: that would specialise symbolic sizes under export
+    bound: dict[str, Any] = {}
+    ok = len(shape) == len(names)
+    if ok:
+        for d, size in zip(names, shape):
+            want = int(d) if d.isdigit() else sizes.get(d, bound.get(d))
+            if (want is not None and size != want) or (d not in empty_ok and size < 1):
+                ok = False
+                break
+            bound[d] = size
+    if not ok:
+        raise ShapeError(f"{owner} expected {name} of shape {expected}{note}, got {shape_str(shape)}")
+    return {d: v for d, v in bound.items() if not d.isdigit()}
 
 
 def check_param_dtype(name: str, x: Tensor, weight: Tensor, *, owner: str) -> None:

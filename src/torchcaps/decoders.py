@@ -9,8 +9,8 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from torchcaps._checks import ShapeError, check_int, check_param_dtype, check_tensor, shape_str
-from torchcaps.functional import _mask_capsules
+from torchcaps._checks import check_int, check_param_dtype, check_shape, check_tensor
+from torchcaps.functional import mask_capsules
 
 __all__ = ["MaskedDecoder"]
 
@@ -102,12 +102,8 @@ class MaskedDecoder(nn.Module):
         """Mask ``v`` to one capsule per sample and decode it."""
         owner = "MaskedDecoder"
         check_tensor("v", v, owner=owner)
-        if v.dim() != 3 or tuple(v.shape[1:]) != (self.num_capsules, self.capsule_dim):
-            raise ShapeError(
-                f"{owner} expected v of shape (B, {self.num_capsules}, {self.capsule_dim}), "
-                f"got {shape_str(v.shape)}"
-            )
+        check_shape(v, "B K D", name="v", owner=owner, K=self.num_capsules, D=self.capsule_dim)
         check_param_dtype("v", v, cast(nn.Linear, self.net[0]).weight, owner=owner)
-        masked = _mask_capsules(v, target, owner)
+        masked = mask_capsules(v, target)
         out = self.net(masked.flatten(1))
         return out.view(v.shape[0], *self.out_shape)

@@ -11,15 +11,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from torchcaps._checks import (
-    ShapeError,
+    check_choice,
     check_float,
     check_index_tensor,
     check_indices_in_range,
+    check_shape,
     check_tensor,
     float32_compute,
     is_compiling,
     shape_str,
 )
+from torchcaps.errors import ShapeError
 
 __all__ = [
     "capsule_lengths",
@@ -29,7 +31,7 @@ __all__ = [
     "squash",
 ]
 
-_REDUCTIONS = ("mean", "sum", "none")
+REDUCTIONS = ("mean", "sum", "none")
 
 
 def _check_dim(x: Tensor, dim: int, *, name: str, owner: str) -> int:
@@ -46,7 +48,7 @@ def _check_dim(x: Tensor, dim: int, *, name: str, owner: str) -> int:
 
 
 def squash(s: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
-    r"""Squash capsule vectors to length < 1, keeping their direction (eq. 1 of the paper).
+    r"""Squash capsule vectors to length < 1, keeping their direction: equation 1 of the paper.
 
     .. math::
         v = \frac{\|s\|^2}{1 + \|s\|^2} \frac{s}{\|s\|}
@@ -129,7 +131,7 @@ def _target_to_onehot(target: Tensor, lengths: Tensor, *, owner: str) -> Tensor:
         if target.shape[0] != batch:
             raise ShapeError(
                 f"{owner}: target of class indices must have shape ({batch},) to match lengths "
-                f"of shape {shape_str(lengths.shape)}, got {shape_str(target.shape)}"
+                f"of shape {tuple(lengths.shape)}, got {tuple(target.shape)}"
             )
         check_index_tensor("target", target, owner=owner)
         check_indices_in_range("target", target, k, owner=owner)
@@ -137,8 +139,8 @@ def _target_to_onehot(target: Tensor, lengths: Tensor, *, owner: str) -> Tensor:
     if target.dim() == 2:
         if tuple(target.shape) != (batch, k):
             raise ShapeError(
-                f"{owner}: multi-hot target must have shape {shape_str(lengths.shape)} like "
-                f"lengths, got {shape_str(target.shape)}"
+                f"{owner}: multi-hot target must have shape {tuple(lengths.shape)} like "
+                f"lengths, got {tuple(target.shape)}"
             )
         if target.is_complex():
             raise TypeError(f"{owner}: target must be real (0/1 entries), got {target.dtype}")
@@ -152,14 +154,8 @@ def _target_to_onehot(target: Tensor, lengths: Tensor, *, owner: str) -> Tensor:
         return target.to(lengths.dtype)
     raise ShapeError(
         f"{owner}: target must be class indices of shape ({batch},) or a multi-hot tensor of "
-        f"shape {shape_str(lengths.shape)}, got {shape_str(target.shape)}"
+        f"shape {tuple(lengths.shape)}, got {tuple(target.shape)}"
     )
-
-
-def _check_reduction(reduction: str, owner: str) -> str:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{owner}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    return reduction
 
 
 def _reduce(loss: Tensor, reduction: str, *, owner: str) -> Tensor:
@@ -169,36 +165,7 @@ def _reduce(loss: Tensor, reduction: str, *, owner: str) -> Tensor:
         return loss.sum()
     if reduction == "none":
         return loss
-    raise ValueError(f"{owner}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-
-
-def _margin_loss(
-    lengths: Tensor,
-    target: Tensor,
-    m_pos: float,
-    m_neg: float,
-    lambda_: float,
-    reduction: str,
-    owner: str,
-) -> Tensor:
-    check_tensor("lengths", lengths, owner=owner)
-    if lengths.dim() != 2 or lengths.shape[1] == 0:
-        raise ShapeError(
-            f"{owner}: lengths must have shape (B, K) with K >= 1 classes, "
-            f"got {shape_str(lengths.shape)}"
-        )
-    check_float("m_pos", m_pos, owner=owner)
-    check_float("m_neg", m_neg, owner=owner)
-    check_float("lambda_", lambda_, minimum=0.0, owner=owner)
-    _check_reduction(reduction, owner)
-    x = float32_compute(lengths)
-    t = _target_to_onehot(target, x, owner=owner)
-    present = t * F.relu(m_pos - x).square()
-    absent = lambda_ * (1.0 - t) * F.relu(x - m_neg).square()
-    loss = (present + absent).sum(dim=1)
-    return _reduce(loss, reduction, owner=owner).to(
-        torch.promote_types(lengths.dtype, torch.float32)
-    )
+    raise ValueError(f"{owner}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
 def margin_loss(
@@ -209,7 +176,7 @@ def margin_loss(
     lambda_: float = 0.5,
     reduction: str = "mean",
 ) -> Tensor:
-    r"""Margin loss of the paper (eq. 4), summed over classes per sample.
+    r"""Margin loss of the paper (equation 4), summed over classes per sample.
 
     .. math::
         L = \sum_k T_k \max(0, m^+ - \ell_k)^2
@@ -238,33 +205,21 @@ def margin_loss(
         >>> margin_loss(lengths, torch.tensor([0, 1]), reduction="none")
         tensor([0.0000, 0.1700])
     """
-    return _margin_loss(lengths, target, m_pos, m_neg, lambda_, reduction, "margin_loss")
-
-
-def _mask_capsules(v: Tensor, target: Tensor | None, owner: str) -> Tensor:
-    check_tensor("v", v, owner=owner)
-    if v.dim() != 3 or v.shape[1] == 0:
-        raise ShapeError(
-            f"{owner}: v must have shape (B, K, D) with K >= 1 capsules, got {shape_str(v.shape)}"
-        )
-    batch, k, _ = v.shape
-    if target is None:
-        index = torch.linalg.vector_norm(float32_compute(v), dim=-1).argmax(dim=-1)
-    else:
-        if not isinstance(target, Tensor):
-            raise TypeError(
-                f"{owner}: target must be a torch.Tensor or None, got {type(target).__name__}"
-            )
-        if tuple(target.shape) != (batch,):
-            raise ShapeError(
-                f"{owner}: target must have shape ({batch},) for v of shape "
-                f"{shape_str(v.shape)}, got {shape_str(target.shape)}"
-            )
-        check_index_tensor("target", target, owner=owner)
-        check_indices_in_range("target", target, k, owner=owner)
-        index = target.long()
-    mask = F.one_hot(index, k).to(v.dtype)
-    return v * mask.unsqueeze(-1)
+    owner = "margin_loss"
+    check_tensor("lengths", lengths, owner=owner)
+    check_shape(lengths, "B K", name="lengths", owner=owner, note=" with K >= 1 classes")
+    check_float("m_pos", m_pos, owner=owner)
+    check_float("m_neg", m_neg, owner=owner)
+    check_float("lambda_", lambda_, minimum=0.0, owner=owner)
+    check_choice("reduction", reduction, REDUCTIONS, owner=owner)
+    x = float32_compute(lengths)
+    t = _target_to_onehot(target, x, owner=owner)
+    present = t * F.relu(m_pos - x).square()
+    absent = lambda_ * (1.0 - t) * F.relu(x - m_neg).square()
+    loss = (present + absent).sum(dim=1)
+    return _reduce(loss, reduction, owner=owner).to(
+        torch.promote_types(lengths.dtype, torch.float32)
+    )
 
 
 def mask_capsules(v: Tensor, target: Tensor | None = None) -> Tensor:
@@ -291,28 +246,25 @@ def mask_capsules(v: Tensor, target: Tensor | None = None) -> Tensor:
         tensor([[[0.1000, 0.0000],
                  [0.0000, 0.0000]]])
     """
-    return _mask_capsules(v, target, "mask_capsules")
-
-
-def _reconstruction_loss(
-    reconstruction: Tensor, target: Tensor, weight: float, reduction: str, owner: str
-) -> Tensor:
-    check_tensor("reconstruction", reconstruction, owner=owner)
-    check_tensor("target", target, owner=owner)
-    if reconstruction.dim() < 1:
-        raise ShapeError(f"{owner}: reconstruction must have shape (B, *), got shape ()")
-    if reconstruction.shape != target.shape:
-        raise ShapeError(
-            f"{owner}: target must have the shape of reconstruction "
-            f"{shape_str(reconstruction.shape)}, got {shape_str(target.shape)}"
-        )
-    check_float("weight", weight, minimum=0.0, owner=owner)
-    _check_reduction(reduction, owner)
-    diff = float32_compute(reconstruction) - float32_compute(target)
-    per_image = diff.square().flatten(1).sum(dim=1) if diff.dim() > 1 else diff.square()
-    out = _reduce(weight * per_image, reduction, owner=owner)
-    out_dtype = torch.promote_types(reconstruction.dtype, target.dtype)
-    return out.to(torch.promote_types(out_dtype, torch.float32))
+    owner = "mask_capsules"
+    check_tensor("v", v, owner=owner)
+    shape = check_shape(
+        v, "B K D", name="v", owner=owner, empty_ok=("B", "D"), note=" with K >= 1 capsules"
+    )
+    batch, k = shape["B"], shape["K"]
+    if target is None:
+        index = torch.linalg.vector_norm(float32_compute(v), dim=-1).argmax(dim=-1)
+    else:
+        if not isinstance(target, Tensor):
+            raise TypeError(
+                f"{owner}: target must be a torch.Tensor or None, got {type(target).__name__}"
+            )
+        check_shape(target, "B", name="target", owner=owner, B=batch)
+        check_index_tensor("target", target, owner=owner)
+        check_indices_in_range("target", target, k, owner=owner)
+        index = target.long()
+    mask = F.one_hot(index, k).to(v.dtype)
+    return v * mask.unsqueeze(-1)
 
 
 def reconstruction_loss(
@@ -349,4 +301,20 @@ def reconstruction_loss(
         >>> reconstruction_loss(torch.ones(2, 1, 28, 28), x)  # 0.0005 * 784
         tensor(0.3920)
     """
-    return _reconstruction_loss(reconstruction, target, weight, reduction, "reconstruction_loss")
+    owner = "reconstruction_loss"
+    check_tensor("reconstruction", reconstruction, owner=owner)
+    check_tensor("target", target, owner=owner)
+    if reconstruction.dim() < 1:
+        raise ShapeError(f"{owner}: reconstruction must have shape (B, *), got shape ()")
+    if reconstruction.shape != target.shape:
+        raise ShapeError(
+            f"{owner}: target must have the shape of reconstruction "
+            f"{tuple(reconstruction.shape)}, got {tuple(target.shape)}"
+        )
+    check_float("weight", weight, minimum=0.0, owner=owner)
+    check_choice("reduction", reduction, REDUCTIONS, owner=owner)
+    diff = float32_compute(reconstruction) - float32_compute(target)
+    per_image = diff.square().flatten(1).sum(dim=1) if diff.dim() > 1 else diff.square()
+    out = _reduce(weight * per_image, reduction, owner=owner)
+    out_dtype = torch.promote_types(reconstruction.dtype, target.dtype)
+    return out.to(torch.promote_types(out_dtype, torch.float32))

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from torchcaps._checks import check_float
-from torchcaps.functional import _check_reduction, _margin_loss, _reconstruction_loss
+from torchcaps._checks import check_choice, check_float
+from torchcaps.functional import REDUCTIONS, margin_loss, reconstruction_loss
 
 __all__ = ["MarginLoss", "ReconstructionLoss"]
 
 
 class MarginLoss(nn.Module):
-    r"""Margin loss on capsule lengths (eq. 4 of the paper).
+    r"""Margin loss on capsule lengths, equation 4 of the paper.
 
     See :func:`torchcaps.functional.margin_loss` and
     `Sabour et al. 2017 <https://arxiv.org/abs/1710.09829>`_.
@@ -49,7 +49,7 @@ class MarginLoss(nn.Module):
         self.m_pos = check_float("m_pos", m_pos, owner="MarginLoss")
         self.m_neg = check_float("m_neg", m_neg, owner="MarginLoss")
         self.lambda_ = check_float("lambda_", lambda_, minimum=0.0, owner="MarginLoss")
-        self.reduction = _check_reduction(reduction, "MarginLoss")
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS, owner="MarginLoss")
 
     def extra_repr(self) -> str:
         return (
@@ -59,9 +59,7 @@ class MarginLoss(nn.Module):
 
     def forward(self, lengths: Tensor, target: Tensor) -> Tensor:
         """Compute the loss of ``lengths`` against ``target``."""
-        return _margin_loss(
-            lengths, target, self.m_pos, self.m_neg, self.lambda_, self.reduction, "MarginLoss"
-        )
+        return margin_loss(lengths, target, self.m_pos, self.m_neg, self.lambda_, self.reduction)
 
 
 class ReconstructionLoss(nn.Module):
@@ -91,13 +89,13 @@ class ReconstructionLoss(nn.Module):
     def __init__(self, weight: float = 0.0005, reduction: str = "mean") -> None:
         super().__init__()
         self.weight = check_float("weight", weight, minimum=0.0, owner="ReconstructionLoss")
-        self.reduction = _check_reduction(reduction, "ReconstructionLoss")
+        self.reduction = check_choice(
+            "reduction", reduction, REDUCTIONS, owner="ReconstructionLoss"
+        )
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, reduction={self.reduction!r}"
 
     def forward(self, reconstruction: Tensor, target: Tensor) -> Tensor:
         """Compute the weighted reconstruction error."""
-        return _reconstruction_loss(
-            reconstruction, target, self.weight, self.reduction, "ReconstructionLoss"
-        )
+        return reconstruction_loss(reconstruction, target, self.weight, self.reduction)

@@ -1,13 +1,13 @@
-"""Public test helpers, e.g. :func:`assert_routing_contract` for third-party routing algorithms."""
+"""Public test helpers: the contracts of routing algorithms and of registered models."""
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from torchcaps.routing.base import Routing
 
-__all__ = ["assert_routing_contract"]
+__all__ = ["assert_model_contract", "assert_routing_contract"]
 
 
 def _call(routing: torch.nn.Module, u_hat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -122,3 +122,112 @@ def assert_routing_contract(
                 f"{name}: {what} must raise ValueError/TypeError, got {type(exc).__name__}: {exc}"
             ) from exc
         raise AssertionError(f"{name}: {what} must raise ValueError/TypeError, nothing was raised")
+
+
+def _fields(out: object, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
+    fields = getattr(out, "_fields", None)
+    if fields != ("scores", "capsules", "reconstruction"):
+        raise AssertionError(
+            f"{name}: forward must return a CapsuleOutput(scores, capsules, reconstruction), "
+            f"got {type(out).__name__}"
+        )
+    scores, capsules, recon = out  # type: ignore[misc]
+    return scores, capsules, recon
+
+
+def assert_model_contract(
+    model: nn.Module,
+    *,
+    batch: int = 2,
+    check_compile: bool = True,
+    check_export: bool = True,
+    seed: int = 0,
+) -> None:
+    r"""Check that ``model`` follows the contract of :func:`torchcaps.models.register_model`.
+
+    Raises :class:`AssertionError` naming the first broken rule. With ``x`` a random batch of
+    ``model.in_shape`` and ``y`` random class indices:
+
+    1. ``model`` has ``in_shape`` (a tuple) and ``num_classes`` (an int);
+    2. ``model(x, y)`` and ``model(x)`` return a :class:`~torchcaps.models.CapsuleOutput`
+       with ``scores`` :math:`(B, K)`, ``capsules`` :math:`(B, K, D)` and ``reconstruction``
+       :math:`(B, *\text{in\_shape})` or ``None``, all finite;
+    3. without a target the reconstruction equals the one masked by the prediction
+       ``scores.argmax(1)``;
+    4. a loss on every output has finite gradients for every parameter that takes part, and
+       at least one parameter gets a gradient;
+    5. in eval mode ``torch.compile(model, fullgraph=True)`` (backend ``"aot_eager"``: graph
+       capture without code generation) matches eager mode (``check_compile``);
+    6. ``torch.export.export`` with a dynamic batch dimension gives a program that matches eager
+       mode at another batch size (``check_export``).
+
+    Args:
+        model: the model to check (on the CPU, float32).
+        batch: batch size of the probe input.
+        check_compile: check rule 5.
+        check_export: check rule 6.
+        seed: seed of the probe input.
+
+    Examples:
+        >>> from torchcaps.models import get_model
+        >>> from torchcaps.testing import assert_model_contract
+        >>> assert_model_contract(get_model("capsnet_mnist"), check_compile=False)
+    """
+    name = type(model).__name__
+    in_shape = getattr(model, "in_shape", None)
+    num_classes = getattr(model, "num_classes", None)
+    if not isinstance(in_shape, tuple) or not isinstance(num_classes, int):
+        raise AssertionError(f"{name}: a registered model needs in_shape (tuple) and num_classes")
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, *in_shape, generator=gen)
+    y = torch.randint(0, num_classes, (batch,), generator=gen)
+    model.train()
+    scores, capsules, recon = _fields(model(x, y), name)
+    if tuple(scores.shape) != (batch, num_classes):
+        raise AssertionError(f"{name}: scores must be (B, K) = {(batch, num_classes)}")
+    if capsules.dim() != 3 or tuple(capsules.shape[:2]) != (batch, num_classes):
+        raise AssertionError(f"{name}: capsules must be (B, K, D), got {tuple(capsules.shape)}")
+    if recon is not None and tuple(recon.shape) != (batch, *in_shape):
+        raise AssertionError(f"{name}: reconstruction must be (B, *in_shape) = {(batch, *in_shape)}")
+    outputs = [t for t in (scores, capsules, recon) if t is not None]
+    if not all(bool(torch.isfinite(t).all()) for t in outputs):
+        raise AssertionError(f"{name}: outputs are not finite for finite input")
+    loss = sum(t.float().square().mean() for t in outputs)
+    model.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[union-attr]
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        raise AssertionError(f"{name}: no parameter receives a gradient")
+    if not all(bool(torch.isfinite(g).all()) for g in grads):
+        raise AssertionError(f"{name}: gradients are not finite")
+    model.zero_grad(set_to_none=True)
+
+    model.eval()
+    with torch.no_grad():
+        ref = _fields(model(x), name)
+        if ref[2] is not None:
+            masked = _fields(model(x, ref[0].argmax(dim=1)), name)[2]
+            if masked is None or not torch.allclose(ref[2], masked, atol=1e-6):
+                raise AssertionError(
+                    f"{name}: without a target the decoder must be masked by the prediction"
+                )
+        if check_compile:
+            torch._dynamo.reset()
+            compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+            got = _fields(compiled(x), name)
+            _assert_close(name, "torch.compile", ref, got)
+        if check_export:
+            x2 = torch.rand(batch + 1, *in_shape, generator=gen)
+            ref2 = _fields(model(x2), name)
+            dim = torch.export.Dim("batch", min=1, max=1024)
+            program = torch.export.export(model, (x,), dynamic_shapes=({0: dim},))
+            got2 = _fields(program.module()(x2), name)
+            _assert_close(name, "torch.export", ref2, got2)
+
+
+def _assert_close(name: str, what: str, ref: tuple, got: tuple) -> None:
+    for field, r, g in zip(("scores", "capsules", "reconstruction"), ref, got):
+        if (r is None) != (g is None) or (
+            r is not None and not torch.allclose(r, g, atol=1e-5, rtol=1e-4)
+        ):
+            raise AssertionError(f"{name}: {field} of the {what} model differs from eager mode")

@@ -6,7 +6,7 @@ from typing import Literal, overload
 
 from torch import Tensor, nn
 
-from torchcaps._checks import ShapeError, check_tensor, shape_str
+from torchcaps._checks import check_shape, check_tensor
 
 __all__ = ["Routing"]
 
@@ -47,11 +47,13 @@ class Routing(nn.Module):
         """Validate the prediction vectors; raise :class:`ValueError`/:class:`TypeError`."""
         name = type(self).__name__
         check_tensor("u_hat", u_hat, owner=name)
-        if u_hat.dim() != 4 or 0 in u_hat.shape[1:]:
-            raise ShapeError(
-                f"{name} expected u_hat of shape (B, N_in, N_out, D_out) with N_in, N_out, "
-                f"D_out >= 1, got {shape_str(u_hat.shape)}"
-            )
+        check_shape(
+            u_hat,
+            "B N_in N_out D_out",
+            name="u_hat",
+            owner=name,
+            note=" with N_in, N_out, D_out >= 1",
+        )
 
     def route(self, u_hat: Tensor) -> tuple[Tensor, Tensor]:
         """Run the algorithm on validated input; return ``(v, c)``."""

@@ -5,14 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from torchcaps._checks import (
-    ShapeError,
-    check_float,
-    check_int,
-    float32_compute,
-    no_autocast,
-    shape_str,
-)
+from torchcaps._checks import check_float, check_int, check_shape, float32_compute, no_autocast
 from torchcaps.functional import squash
 from torchcaps.routing.base import Routing
 
@@ -46,8 +39,7 @@ class DynamicRouting(Routing):
 
     **Learned priors.** ``learned_prior=(N_in, N_out)`` adds a learned parameter ``log_prior``
     (initialised to zero) that the logits start from instead of zero, shared across the batch.
-    This is the behaviour of the project this library replaces; the paper has none, so it is off
-    by default.
+    Some implementations learn such initial logits; the paper does not, so it is off by default.
 
     Routing runs in float32 (autocast disabled) for half-precision inputs and returns the
     input's dtype.
@@ -127,11 +119,15 @@ class DynamicRouting(Routing):
 
     def check_input(self, u_hat: Tensor) -> None:
         super().check_input(u_hat)
-        if self.log_prior is not None and tuple(u_hat.shape[1:3]) != tuple(self.log_prior.shape):
-            raise ShapeError(
-                f"DynamicRouting with learned_prior={tuple(self.log_prior.shape)} expected u_hat "
-                f"of shape (B, {self.log_prior.shape[0]}, {self.log_prior.shape[1]}, D_out), "
-                f"got {shape_str(u_hat.shape)}"
+        if self.log_prior is not None:
+            n_in, n_out = self.log_prior.shape
+            check_shape(
+                u_hat,
+                "B N_in N_out D_out",
+                name="u_hat",
+                owner=f"DynamicRouting with learned_prior={(n_in, n_out)}",
+                N_in=n_in,
+                N_out=n_out,
             )
 
     def route(self, u_hat: Tensor) -> tuple[Tensor, Tensor]:

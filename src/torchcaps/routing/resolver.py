@@ -2,23 +2,41 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from torchcaps.routing.base import Routing
-from torchcaps.routing.dynamic import DynamicRouting
 
-__all__ = ["resolve_routing", "routing_choices"]
-
-_REGISTRY: dict[str, type[Routing]] = {"dynamicrouting": DynamicRouting}
+__all__ = ["resolve_routing", "routing_algorithms", "routing_choices"]
 
 
 def _normalise(name: str) -> str:
     return name.lower().replace("-", "").replace("_", "").replace(" ", "")
 
 
+def routing_algorithms() -> dict[str, type[Routing]]:
+    """Every routing algorithm of :mod:`torchcaps.routing`, by its normalised class name.
+
+    Found, not listed by hand: every :class:`Routing` subclass that :mod:`torchcaps.routing`
+    exports in its ``__all__``. Adding an algorithm is one file plus one export.
+
+    Examples:
+        >>> from torchcaps.routing import routing_algorithms
+        >>> routing_algorithms()["dynamicrouting"].__name__
+        'DynamicRouting'
+    """
+    package = sys.modules["torchcaps.routing"]
+    found: dict[str, type[Routing]] = {}
+    for export in package.__all__:
+        obj = getattr(package, export)
+        if isinstance(obj, type) and issubclass(obj, Routing) and obj is not Routing:
+            found[_normalise(obj.__name__)] = obj
+    return found
+
+
 def routing_choices() -> list[str]:
     """The names :func:`resolve_routing` accepts (without the ``Routing`` suffix)."""
-    return sorted(key.removesuffix("routing") for key in _REGISTRY)
+    return sorted(key.removesuffix("routing") for key in routing_algorithms())
 
 
 def resolve_routing(routing: str | Routing, **kwargs: Any) -> Routing:
@@ -52,7 +70,8 @@ def resolve_routing(routing: str | Routing, **kwargs: Any) -> Routing:
             f"got {type(routing).__name__}"
         )
     key = _normalise(routing)
-    cls = _REGISTRY.get(key) or _REGISTRY.get(key + "routing")
+    algorithms = routing_algorithms()
+    cls = algorithms.get(key) or algorithms.get(key + "routing")
     if cls is None:
         raise ValueError(f"could not resolve routing {routing!r}; choices: {routing_choices()}")
     return cls(**kwargs)

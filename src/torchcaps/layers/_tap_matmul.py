@@ -5,7 +5,7 @@ For a kernel of ``KH x KW`` taps the convolution is the sum over taps ``(ky, kx)
 of the channels-last input) and the tap's weight slice. With wide layers (the paper's
 PrimaryCaps: 256 -> 256 channels, 9x9, stride 2) each product is a large, cache-friendly GEMM,
 and on CPUs the forward, input-gradient and weight-gradient passes all run faster than
-oneDNN's direct convolution (see ``benchmarks/RESULTS.md``). The backward pass uses the same
+oneDNN's direct convolution (docs/performance.md). The backward pass uses the same
 per-tap products; a double backward (``create_graph=True``) is computed through
 :func:`torch.nn.functional.conv2d` so higher-order gradients stay exact.
 """
@@ -19,19 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from torchcaps._checks import in_graph_capture
+from torchcaps._checks import in_graph_capture, is_functorch_wrapped
 
 __all__: list[str] = []
 
-# The auto rule: both channel counts at least MIN_CHANNELS and at least MIN_TAPS kernel taps.
-# Measured on a 2-core AVX-512 Xeon (benchmarks/bench_conv.py, table in benchmarks/RESULTS.md):
-# 256 -> 256 channels with 9x9 kernels gain (1.19x forward+backward); 7x7 and smaller kernels,
-# or 128 channels, lose to oneDNN (0.54-0.98x).
+# The auto rule: both channel counts at least MIN_CHANNELS and at least MIN_TAPS kernel taps
+# (where per-tap GEMMs beat oneDNN; measurements in docs/performance.md).
 MIN_CHANNELS = 256
 MIN_TAPS = 81
 
 # Output rows (batch x output positions) per chunk: the paper's training batch (128 x 6 x 6)
-# is one chunk; evaluation batches of 1000 are split (unsplit they ran slower than oneDNN).
+# is one chunk; larger evaluation batches are split so that each tap's window stays in cache.
 CHUNK_ROWS = 4608
 
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -182,6 +180,6 @@ def auto_prefers_tap_matmul(x: Tensor, weight: Tensor) -> bool:
         and o >= MIN_CHANNELS
         and kh * kw >= MIN_TAPS
         and not torch.is_autocast_enabled("cpu")
-        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-        and not torch._C._functorch.is_functorch_wrapped_tensor(weight)
+        and not is_functorch_wrapped(x)
+        and not is_functorch_wrapped(weight)
     )

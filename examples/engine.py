@@ -1,0 +1,420 @@
+"""The training loop of every example: batches, the step, an epoch, evaluation, schedules.
+
+:func:`train_step` is the one training step (forward under autocast, loss, backward, optimiser
+and scheduler); :func:`train_one_epoch` and ``benchmarks/bench_train.py`` both call it, so what
+is timed is what is trained. :class:`Trainer` holds the state of a run (model, optimiser,
+schedule, scaler, data RNG) and turns it into a checkpoint and back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from loaders import load_dataset
+from presets import LossFn, Recipe, random_shift
+from runtime import Dist, pick_device
+from torchcaps.models import CapsuleOutput, get_model
+
+# Version of the checkpoint layout written by Trainer.state_dict (1: before the model registry,
+# without model_name/model_kwargs; still readable).
+CHECKPOINT_FORMAT = 2
+
+
+def to_input(images: Tensor, memory_format: torch.memory_format) -> Tensor:
+    """uint8 (B, H, W) -> float (B, 1, H, W) in [0, 1]."""
+    return (images.unsqueeze(1).float() / 255.0).contiguous(memory_format=memory_format)
+
+
+def train_batches(
+    n: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1
+) -> Iterator[Tensor]:
+    """Seeded shuffle; yield this rank's indices of each global batch (drop the last partial)."""
+    perm = torch.randperm(n, generator=generator, device=generator.device)
+    per_rank = batch_size // world
+    for start in range(0, n - batch_size + 1, batch_size):
+        yield perm[start + rank * per_rank : start + (rank + 1) * per_rank]
+
+
+def autocast_context(amp: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` for ``--amp bf16``/``fp16``; nothing for ``none``."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class StepContext:
+    """Everything a training step needs besides the batch."""
+
+    model: nn.Module  # what is called: possibly compiled or DistributedDataParallel
+    loss_fn: LossFn
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None  # stepped after every batch
+    amp: str
+    device: torch.device
+
+
+def forward_loss(
+    ctx: StepContext, images: Tensor, labels: Tensor, *, train: bool
+) -> tuple[Tensor, CapsuleOutput]:
+    """Loss and output of a batch; in training the decoder is masked by the labels."""
+    with autocast_context(ctx.amp, ctx.device):
+        out = ctx.model(images, labels if train else None)
+    return ctx.loss_fn(out, images, labels), out
+
+
+def train_step(ctx: StepContext, images: Tensor, labels: Tensor) -> Tensor:
+    """One optimisation step on a batch; returns the loss (detached, not synchronised)."""
+    loss, _ = forward_loss(ctx, images, labels, train=True)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    ctx.scaler.scale(loss).backward()
+    ctx.scaler.step(ctx.optimizer)
+    ctx.scaler.update()
+    if ctx.scheduler is not None:
+        ctx.scheduler.step()
+    return loss.detach()
+
+
+def augmented_batch(
+    images: Tensor,
+    labels: Tensor,
+    index: Tensor,
+    *,
+    max_shift: int,
+    generator: torch.Generator,
+    memory_format: torch.memory_format,
+    rank: int = 0,
+    world: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """The training batch ``index`` of uint8 ``images``: shifted, scaled to [0, 1]."""
+    batch = images[index]
+    if max_shift > 0:
+        batch = random_shift(batch, max_shift, generator, rank, world)
+    return to_input(batch, memory_format), labels[index]
+
+
+def train_one_epoch(
+    ctx: StepContext,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    batch_size: int,
+    steps: int,
+    max_shift: int,
+    generator: torch.Generator,
+    memory_format: torch.memory_format,
+    rank: int = 0,
+    world: int = 1,
+    on_log: Callable[[int, Tensor], None] | None = None,
+    log_interval: int = 10,
+) -> dict[str, float]:
+    """Train on ``steps`` shuffled batches; ``on_log(step, loss)`` every ``log_interval`` steps.
+
+    ``on_log`` is the only place that synchronises with the device. Returns the mean loss of
+    this process's batches, the seconds and the images per second.
+    """
+    ctx.model.train()
+    total = torch.zeros((), device=ctx.device)
+    seen = 0
+    start = time.perf_counter()
+    batches = train_batches(images.shape[0], batch_size, generator, rank, world)
+    for step, index in enumerate(batches):
+        if step >= steps:
+            break
+        x, y = augmented_batch(
+            images,
+            labels,
+            index,
+            max_shift=max_shift,
+            generator=generator,
+            memory_format=memory_format,
+            rank=rank,
+            world=world,
+        )
+        loss = train_step(ctx, x, y)
+        total += loss
+        seen += 1
+        if on_log is not None and ((step + 1) % log_interval == 0 or step + 1 == steps):
+            on_log(step + 1, loss)
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+    seconds = time.perf_counter() - start
+    return {
+        "train_loss": float(total) / max(seen, 1),
+        "epoch_seconds": seconds,
+        "train_images_per_second": seen * batch_size / seconds if seconds > 0 else math.nan,
+        "train_steps": seen,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    ctx: StepContext,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    batch_size: int,
+    memory_format: torch.memory_format,
+) -> dict[str, float]:
+    """Loss and accuracy on uint8 ``images``; the decoder is masked by the prediction."""
+    ctx.model.eval()
+    total_loss = torch.zeros((), device=ctx.device, dtype=torch.float64)
+    correct = torch.zeros((), device=ctx.device, dtype=torch.long)
+    n = images.shape[0]
+    start = time.perf_counter()
+    for s in range(0, n, batch_size):
+        x = to_input(images[s : s + batch_size], memory_format)
+        y = labels[s : s + batch_size]
+        loss, out = forward_loss(ctx, x, y, train=False)
+        total_loss += loss.double() * y.shape[0]
+        correct += (out.scores.argmax(dim=1) == y).sum()
+    seconds = time.perf_counter() - start
+    correct_i = int(correct)
+    return {
+        "test_loss": float(total_loss) / n,
+        "test_accuracy": 100.0 * correct_i / n,
+        "test_errors": n - correct_i,
+        "test_samples": n,
+        "test_images_per_second": n / seconds if seconds > 0 else math.nan,
+    }
+
+
+def cosine_factor(step: int, total_steps: int, min_factor: float) -> float:
+    """Learning-rate multiplier after ``step`` of ``total_steps``: a half cosine from 1 down to
+    ``min_factor``, then held at ``min_factor``."""
+    t = min(step, total_steps) / max(total_steps, 1)
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer,
+    schedule: str,
+    *,
+    total_steps: int,
+    lr_decay: float = 0.9,
+    lr_min_factor: float = 0.01,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule ``schedule``.
+
+    ``"cosine"``: a ``LambdaLR`` over ``total_steps`` batches, stepped after every batch; only
+    its step count is saved in a checkpoint, so the curve is rebuilt from the command line on
+    resume. ``"exponential"``: ``lr_decay`` per epoch, stepped after every epoch.
+    """
+    if schedule == "exponential":
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, lr_decay)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_factor(step, total_steps, lr_min_factor)
+    )
+
+
+class Trainer:
+    """Everything of one run: data on the device, model, optimiser, schedule, scaler and RNG.
+
+    Built from the parsed command line of ``train.py`` and an example's :class:`Recipe`.
+    """
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        recipe: Recipe,
+        log: Callable[..., Any] = print,
+        dist_info: Dist | None = None,
+    ) -> None:
+        self.args = args
+        self.recipe = recipe
+        self.dist = dist_info or Dist()
+        self.log = log if self.dist.main else (lambda *a, **k: None)
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        torch.manual_seed(args.seed)
+        self.device = pick_device(args.device, args.no_cuda, self.dist)
+        if args.amp == "fp16" and self.device.type != "cuda":
+            raise SystemExit("--amp fp16 needs a CUDA device (use --amp bf16 on the CPU)")
+        if args.batch_size % self.dist.world:
+            raise SystemExit(
+                f"--batch-size {args.batch_size} must be divisible by the number of processes "
+                f"{self.dist.world}"
+            )
+        data = load_dataset(
+            recipe.dataset,
+            args.data_dir,
+            download=not args.no_download,
+            embedded_sample=args.embedded_sample,
+            log=self.log,
+        )
+        self.data_source = data.source
+        ntr = min(args.max_train_samples or len(data.train_labels), len(data.train_labels))
+        nte = min(args.max_test_samples or len(data.test_labels), len(data.test_labels))
+        if ntr < args.batch_size:
+            raise SystemExit(
+                f"--batch-size {args.batch_size} is larger than the {ntr} training images"
+            )
+        # The whole dataset lives on the training device as uint8 (47 MB for MNIST).
+        self.train_images = data.train_images[:ntr].to(self.device)
+        self.train_labels = data.train_labels[:ntr].to(self.device)
+        self.test_images = data.test_images[:nte].to(self.device)
+        self.test_labels = data.test_labels[:nte].to(self.device)
+
+        self.memory_format = (
+            torch.channels_last
+            if args.channels_last in ("yes", "auto")
+            else torch.contiguous_format
+        )
+        self.model_name = recipe.model
+        self.model_kwargs = recipe.model_kwargs(args)
+        runtime = recipe.runtime_kwargs(args)
+        self.model = get_model(self.model_name, **self.model_kwargs, **runtime).to(self.device)
+        self.model = self.model.to(memory_format=self.memory_format)
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr)
+        self.steps_per_epoch = ntr // args.batch_size
+        if args.max_steps is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, args.max_steps)
+        self.scheduler = make_scheduler(
+            self.optimizer,
+            args.lr_schedule,
+            total_steps=args.epochs * self.steps_per_epoch,
+            lr_decay=args.lr_decay,
+            lr_min_factor=args.lr_min_factor,
+        )
+        # The cosine schedule moves after every batch, the exponential one after every epoch.
+        self.schedule_per_step = args.lr_schedule == "cosine"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
+        # Shuffling and augmentation come from one seeded generator on the data's device, so a
+        # resumed run draws exactly the same batches.
+        self.generator = torch.Generator(device=self.device).manual_seed(args.seed)
+        self.epoch = 0
+        self.best_accuracy = -1.0
+        self.net: nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+        if args.compile:
+            self.net = torch.compile(self.net)
+        self.step_context = StepContext(
+            model=self.net,
+            loss_fn=recipe.loss(args),
+            optimizer=self.optimizer,
+            scaler=self.scaler,
+            scheduler=self.scheduler if self.schedule_per_step else None,
+            amp=args.amp,
+            device=self.device,
+        )
+
+    # -- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint: model (with its registry name and kwargs), optimiser, schedule, RNG."""
+        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "data": self.generator.get_state()}
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": self.epoch,
+            "best_accuracy": self.best_accuracy,
+            "model_name": self.model_name,
+            "model_kwargs": self.model_kwargs,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint of :meth:`state_dict`."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
+            # The optimiser state holds the learning rate of the run that wrote the checkpoint;
+            # set it from this run's curve (the same value unless --epochs changed).
+            sched = self.scheduler
+            for group, base, fn in zip(
+                self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True
+            ):
+                group["lr"] = base * fn(sched.last_epoch)
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.generator.set_state(state["rng"]["data"].to(self.generator.get_state().device))
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.epoch = int(state["epoch"])
+        self.best_accuracy = float(state["best_accuracy"])
+
+    # -- epochs -------------------------------------------------------------------------------
+    def train_epoch(self, progress: bool) -> dict[str, float]:
+        """One epoch of :func:`train_one_epoch`, with a progress bar or log lines."""
+        args = self.args
+        n = self.train_images.shape[0]
+        steps = self.steps_per_epoch
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=steps,
+                desc=f"epoch {self.epoch + 1}",
+                leave=False,
+                unit="batch",
+                dynamic_ncols=True,
+            )
+
+        def on_log(step: int, loss: Tensor) -> None:
+            if bar is not None:
+                bar.update(step - bar.n)
+                bar.set_postfix(loss=f"{float(loss):.4f}")
+            elif not args.quiet and self.dist.main:
+                self.log(
+                    f"  epoch {self.epoch + 1} [{step * args.batch_size}/{n}] "
+                    f"loss {float(loss):.5f}",
+                    flush=True,
+                )
+
+        result = train_one_epoch(
+            self.step_context,
+            self.train_images,
+            self.train_labels,
+            batch_size=args.batch_size,
+            steps=steps,
+            max_shift=self.recipe.max_shift,
+            generator=self.generator,
+            memory_format=self.memory_format,
+            rank=self.dist.rank,
+            world=self.dist.world,
+            on_log=on_log,
+            log_interval=args.log_interval,
+        )
+        if bar is not None:
+            bar.close()
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            t = torch.tensor([result["train_loss"]], device=self.device)
+            dist.all_reduce(t)
+            result["train_loss"] = float(t) / self.dist.world
+        return result
+
+    def evaluate(self) -> dict[str, float]:
+        """:func:`evaluate` on the test set."""
+        return evaluate(
+            self.step_context,
+            self.test_images,
+            self.test_labels,
+            batch_size=self.args.test_batch_size,
+            memory_format=self.memory_format,
+        )

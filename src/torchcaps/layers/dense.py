@@ -1,0 +1,212 @@
+"""Fully connected capsules: :class:`DenseCaps`, predictions of every child for every parent, routed."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, overload
+
+import torch
+from torch import Tensor, nn
+
+from torchcaps._checks import (
+    ShapeError,
+    autocast_dtype_out,
+    check_int,
+    check_tensor,
+    float32_compute,
+    in_graph_capture,
+    no_autocast,
+    shape_str,
+)
+from torchcaps.routing import Routing, resolve_routing
+
+__all__ = ["DenseCaps"]
+
+# batch_chunk="auto" on CPU: float32 predictions per chunk at most this many bytes (the rule
+# and its measurements: docs/performance.md).
+_AUTO_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+class DenseCaps(nn.Module):
+    r"""Fully connected capsule layer with a pluggable routing algorithm: the paper's DigitCaps.
+
+    Each pair of input capsule :math:`i` and output capsule :math:`j` has its own weight matrix
+    :math:`W_{ij}` of shape ``(out_dim, in_dim)``, giving the prediction vectors
+
+    .. math::
+        \hat{u}_{j|i} = W_{ij} u_i,
+
+    from which ``routing`` computes the outputs :math:`v_j` (by default
+    :class:`~torchcaps.DynamicRouting` with 3 iterations). All predictions are computed in one
+    batched matrix multiplication, in float32 under autocast. The paper's DigitCaps is
+    ``DenseCaps(1152, 8, 10, 16)``. The layer has no bias, as in the paper.
+
+    Args:
+        in_capsules: number of input capsules :math:`N_{in}`.
+        in_dim: dimension of each input capsule.
+        out_capsules: number of output capsules :math:`N_{out}`.
+        out_dim: dimension of each output capsule.
+        routing: a :class:`~torchcaps.routing.Routing` instance or a name (``"dynamic"``).
+        routing_kwargs: constructor arguments when ``routing`` is a name.
+        batch_chunk: route the batch in chunks of this many examples (each chunk's predictions
+            and routing, then the next), so that a chunk's predictions stay in the CPU's cache
+            through all routing rounds; the result is the same (routing treats examples
+            independently, see :class:`~torchcaps.routing.Routing`). ``None``: the whole batch
+            at once. ``"auto"`` (default): on CPU in eager mode, chunks whose float32
+            predictions take at most 16 MiB (22 examples for the paper's DigitCaps), the whole
+            batch elsewhere; the rule and its measurements are on the
+            :doc:`Performance </performance>` page.
+        device: device of the parameters.
+        dtype: dtype of the parameters.
+
+    Shape:
+        - Input: :math:`(B, *, D_{in})` where the middle dimensions multiply to
+          :math:`N_{in}`, e.g. :math:`(B, N_{in}, D_{in})` or a
+          :class:`Conv2dCaps` grid :math:`(B, N, H, W, D_{in})`.
+        - Output: :math:`(B, N_{out}, D_{out})`; with ``return_coupling=True`` also the
+          coupling coefficients :math:`(B, N_{in}, N_{out})`.
+
+    Examples:
+        >>> import torch
+        >>> from torchcaps import DenseCaps, DynamicRouting
+        >>> digits = DenseCaps(1152, 8, 10, 16, routing=DynamicRouting(iterations=3))
+        >>> v = digits(torch.randn(2, 32, 6, 6, 8))
+        >>> v.shape
+        torch.Size([2, 10, 16])
+        >>> v, c = digits(torch.randn(2, 1152, 8), return_coupling=True)
+        >>> c.shape
+        torch.Size([2, 1152, 10])
+    """
+
+    def __init__(
+        self,
+        in_capsules: int,
+        in_dim: int,
+        out_capsules: int,
+        out_dim: int,
+        routing: str | Routing = "dynamic",
+        routing_kwargs: dict[str, Any] | None = None,
+        *,
+        batch_chunk: int | Literal["auto"] | None = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        owner = "DenseCaps"
+        if isinstance(batch_chunk, str) and batch_chunk != "auto":
+            raise ValueError(
+                f"{owner}: batch_chunk must be a positive int, 'auto' or None, got {batch_chunk!r}"
+            )
+        if batch_chunk is not None and batch_chunk != "auto":
+            batch_chunk = check_int("batch_chunk", batch_chunk, owner=owner)
+        self.batch_chunk: int | Literal["auto"] | None = batch_chunk
+        self.in_capsules = check_int("in_capsules", in_capsules, owner=owner)
+        self.in_dim = check_int("in_dim", in_dim, owner=owner)
+        self.out_capsules = check_int("out_capsules", out_capsules, owner=owner)
+        self.out_dim = check_int("out_dim", out_dim, owner=owner)
+        if routing_kwargs is not None and not isinstance(routing_kwargs, dict):
+            raise TypeError(
+                f"{owner}: routing_kwargs must be a dict or None, "
+                f"got {type(routing_kwargs).__name__}"
+            )
+        self.routing = resolve_routing(routing, **(routing_kwargs or {}))
+        # Stored as (N_in, D_in, N_out * D_out): one batched matmul over the input capsules.
+        self.weight = nn.Parameter(
+            torch.empty(in_capsules, in_dim, out_capsules * out_dim, device=device, dtype=dtype)
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        r"""Draw the weights from :math:`\mathcal{N}(0, 0.01^2)`."""
+        nn.init.normal_(self.weight, mean=0.0, std=0.01)
+
+    @property
+    def weight_matrices(self) -> Tensor:
+        r"""The weights as :math:`W_{ij}` matrices of shape ``(N_in, N_out, D_out, D_in)``."""
+        return self.weight.unflatten(2, (self.out_capsules, self.out_dim)).permute(0, 2, 3, 1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_capsules={self.in_capsules}, in_dim={self.in_dim}, "
+            f"out_capsules={self.out_capsules}, out_dim={self.out_dim}"
+            + (f", batch_chunk={self.batch_chunk!r}" if self.batch_chunk != "auto" else "")
+        )
+
+    def predictions(self, x: Tensor) -> Tensor:
+        r"""Prediction vectors :math:`\hat{u}_{j|i}` of shape ``(B, N_in, N_out, D_out)``.
+
+        The returned tensor is a transposed view of a ``(B, N_out, N_in, D_out)``-contiguous
+        buffer, the layout the routing reductions read fastest.
+        """
+        return self._predict(self._flatten_input(x))
+
+    def _predict(self, u: Tensor) -> Tensor:
+        """:meth:`predictions` of an already checked ``(B, N_in, D_in)`` input."""
+        batch = u.shape[0]
+        with no_autocast(u.device):
+            u32 = float32_compute(u)
+            w = self.weight.to(u32.dtype) if self.weight.dtype != u32.dtype else self.weight
+            # (N_in, B, D_in) @ (N_in, D_in, N_out*D_out) -> (N_in, B, N_out*D_out)
+            pred = torch.bmm(u32.transpose(0, 1), w)
+            pred = pred.view(self.in_capsules, batch, self.out_capsules, self.out_dim)
+            # -> memory layout (B, N_out, N_in, D_out), returned as a (B, N_in, N_out, D_out) view.
+            pred = pred.permute(1, 2, 0, 3).contiguous().transpose(1, 2)
+        return pred
+
+    def _flatten_input(self, x: Tensor) -> Tensor:
+        owner = "DenseCaps"
+        check_tensor("input", x, owner=owner)
+        if (
+            x.dim() < 3
+            or x.shape[-1] != self.in_dim
+            or math.prod(x.shape[1:-1]) != self.in_capsules
+        ):
+            raise ShapeError(
+                f"{owner} expected {self.in_capsules} input capsules of dim {self.in_dim}, i.e. "
+                f"input of shape (B, {self.in_capsules}, {self.in_dim}) or (B, ..., {self.in_dim}) "
+                f"with middle dims multiplying to {self.in_capsules}, got input of shape "
+                f"{shape_str(x.shape)}"
+            )
+        return x.reshape(x.shape[0], self.in_capsules, self.in_dim)
+
+    @overload
+    def forward(self, x: Tensor, return_coupling: Literal[False] = ...) -> Tensor: ...
+
+    @overload
+    def forward(self, x: Tensor, return_coupling: Literal[True]) -> tuple[Tensor, Tensor]: ...
+
+    def forward(self, x: Tensor, return_coupling: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Compute the predictions and route them to the output capsules."""
+        check_tensor("input", x, owner="DenseCaps")
+        out_dtype = autocast_dtype_out(x)
+        u = self._flatten_input(x)
+        chunk = self._chunk_size(u)
+        parts = [u] if chunk >= u.shape[0] else list(u.split(chunk))
+        vs, cs = [], []
+        for part in parts:
+            u_hat = self._predict(part)
+            if return_coupling:
+                v, c = self.routing(u_hat, return_coupling=True)
+                cs.append(c)
+            else:
+                v = self.routing(u_hat)
+            vs.append(v)
+        v = vs[0] if len(vs) == 1 else torch.cat(vs)
+        if return_coupling:
+            return v.to(out_dtype), (cs[0] if len(cs) == 1 else torch.cat(cs))
+        return v.to(out_dtype)
+
+    def _chunk_size(self, u: Tensor) -> int:
+        """Examples per routing chunk for input ``u`` (B, N_in, D_in); B means no chunking."""
+        batch = u.shape[0]
+        if self.batch_chunk is None:
+            return max(batch, 1)
+        if self.batch_chunk != "auto":
+            return self.batch_chunk
+        if u.device.type != "cpu" or in_graph_capture():
+            return max(batch, 1)
+        per_example = self.in_capsules * self.out_capsules * self.out_dim * 4
+        chunk = _AUTO_CHUNK_BYTES // per_example
+        # Each chunk adds a pass over the weight gradient, in_dim times the size of one
+        # example's predictions: chunks of fewer than in_dim examples cost more than they save.
+        return chunk if chunk >= self.in_dim else max(batch, 1)

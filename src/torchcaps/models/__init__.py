@@ -1,0 +1,32 @@
+"""Reference capsule models, built by name from a registry.
+
+Every registered model's ``forward(x, target=None)`` returns a :class:`CapsuleOutput`.
+
+Examples:
+    >>> import torch
+    >>> from torchcaps.models import get_model, list_models
+    >>> "capsnet_mnist" in list_models()
+    True
+    >>> out = get_model("capsnet_mnist")(torch.rand(2, 1, 28, 28))
+    >>> out.scores.argmax(dim=1).shape
+    torch.Size([2])
+"""
+
+from torchcaps.models._api import (
+    CapsuleOutput,
+    get_model,
+    get_model_builder,
+    list_models,
+    register_model,
+)
+from torchcaps.models.capsnet import CapsNet, capsnet_mnist
+
+__all__ = [
+    "CapsNet",
+    "CapsuleOutput",
+    "capsnet_mnist",
+    "get_model",
+    "get_model_builder",
+    "list_models",
+    "register_model",
+]

@@ -1,0 +1,110 @@
+"""The model registry and the output every registered model returns.
+
+Builders register under a name with :func:`register_model`; :func:`get_model` builds one by name
+and :func:`list_models` lists the names, as in ``torchvision.models``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
+
+from torch import Tensor, nn
+
+__all__ = ["CapsuleOutput", "get_model", "get_model_builder", "list_models", "register_model"]
+
+
+class CapsuleOutput(NamedTuple):
+    """What the ``forward(x, target=None)`` of every registered model returns.
+
+    A :class:`~typing.NamedTuple`, so ``torch.compile``, ``torch.export`` and the ONNX exporter
+    treat it as a tuple of its fields (``None`` fields are dropped from an exported graph).
+
+    Attributes:
+        scores: :math:`(B, K)` class scores; the prediction is their argmax. For
+            :class:`~torchcaps.models.CapsNet`, the lengths of the class capsules.
+        capsules: :math:`(B, K, D)`, the class capsules.
+        reconstruction: :math:`(B, *\\text{input shape})` from the decoder, masked by the target
+            when one is given and by the prediction otherwise; ``None`` for models without a
+            decoder.
+    """
+
+    scores: Tensor
+    capsules: Tensor
+    reconstruction: Tensor | None
+
+
+M = TypeVar("M", bound=nn.Module)
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[..., M]], Callable[..., M]]:
+    """Register a model builder under ``name`` (a decorator).
+
+    The builder takes keyword arguments only and returns an :class:`~torch.nn.Module` whose
+    ``forward(x, target=None)`` returns a :class:`CapsuleOutput`, with the attributes
+    ``in_shape`` (the shape of one input) and ``num_classes``.
+    :func:`torchcaps.testing.assert_model_contract` checks such a model.
+
+    Args:
+        name: the name :func:`get_model` knows the builder by (unique).
+
+    Raises:
+        ValueError: ``name`` is taken.
+
+    Examples:
+        >>> from torchcaps.models import CapsNet, get_model, register_model
+        >>> @register_model("capsnet_tiny")
+        ... def capsnet_tiny(**kwargs):
+        ...     return CapsNet(in_shape=(1, 20, 20), conv_channels=16, primary_capsules=4, **kwargs)
+        >>> get_model("capsnet_tiny").in_shape
+        (1, 20, 20)
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register_model: name must be a non-empty str, got {name!r}")
+
+    def wrapper(fn: Callable[..., M]) -> Callable[..., M]:
+        if name in _BUILDERS:
+            raise ValueError(f"register_model: a model named {name!r} is already registered")
+        _BUILDERS[name] = fn
+        return fn
+
+    return wrapper
+
+
+def list_models() -> list[str]:
+    """The names of the registered models, sorted.
+
+    Examples:
+        >>> from torchcaps.models import list_models
+        >>> "capsnet_mnist" in list_models()
+        True
+    """
+    return sorted(_BUILDERS)
+
+
+def get_model_builder(name: str) -> Callable[..., nn.Module]:
+    """The builder registered as ``name``; :class:`ValueError` listing the choices otherwise."""
+    try:
+        return _BUILDERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown model {name!r}; choices: {list_models()}") from None
+
+
+def get_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build the registered model ``name`` with ``kwargs``.
+
+    Args:
+        name: one of :func:`list_models`.
+        **kwargs: passed to the builder (they override its defaults).
+
+    Raises:
+        ValueError: ``name`` is not registered (the message lists the choices).
+
+    Examples:
+        >>> from torchcaps.models import get_model
+        >>> model = get_model("capsnet_mnist", reconstruction=False)
+        >>> sum(p.numel() for p in model.parameters())
+        6804224
+    """
+    return get_model_builder(name)(**kwargs)

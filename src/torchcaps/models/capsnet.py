@@ -1,0 +1,163 @@
+"""The CapsNet of Sabour, Frosst & Hinton (2017), assembled from torchcaps layers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchcaps._checks import check_int, check_shape, check_tensor
+from torchcaps.decoders import MaskedDecoder
+from torchcaps.functional import capsule_lengths
+from torchcaps.layers import Conv2dCaps, DenseCaps
+from torchcaps.models._api import CapsuleOutput, register_model
+from torchcaps.routing import DynamicRouting
+
+__all__ = ["CapsNet", "capsnet_mnist"]
+
+
+class CapsNet(nn.Module):
+    r"""The paper's CapsNet: Conv2d, primary capsules, routed class capsules, masked decoder.
+
+    From `Sabour et al. 2017 <https://arxiv.org/abs/1710.09829>`_ (section 4):
+
+    1. ``conv1``: :class:`torch.nn.Conv2d` (``conv_channels``, ``conv_kernel`` x
+       ``conv_kernel``, stride 1) and a ReLU;
+    2. ``primary``: :class:`~torchcaps.Conv2dCaps` (``primary_capsules`` types of
+       ``primary_dim`` dimensions, ``primary_kernel``, stride ``primary_stride``), squashed;
+    3. ``digits``: :class:`~torchcaps.DenseCaps` from every primary capsule to ``num_classes``
+       capsules of ``class_dim`` dimensions, routed by :class:`~torchcaps.DynamicRouting` with
+       ``routing_iterations`` rounds (the paper's DigitCaps);
+    4. ``decoder`` (with ``reconstruction=True``): :class:`~torchcaps.MaskedDecoder` from the
+       class capsules back to an image of ``in_shape``, masked by ``target`` when given and
+       by the longest capsule (the prediction) otherwise.
+
+    The class scores are the capsule lengths. The defaults are the paper's MNIST model
+    (8,215,568 parameters; 6,804,224 without the decoder), registered as ``"capsnet_mnist"``.
+
+    Args:
+        in_shape: shape ``(C, H, W)`` of one input image.
+        num_classes: number of class capsules :math:`K`.
+        conv_channels: channels of ``conv1``.
+        conv_kernel: kernel size of ``conv1``.
+        primary_capsules: capsule types of the primary layer.
+        primary_dim: dimension of a primary capsule.
+        primary_kernel: kernel size of the primary layer.
+        primary_stride: stride of the primary layer.
+        class_dim: dimension :math:`D` of a class capsule.
+        routing_iterations: rounds of dynamic routing.
+        reconstruction: whether the model has the decoder.
+        decoder_hidden: hidden layer sizes of the decoder.
+        conv_impl: ``conv_impl`` of the primary layer (see :class:`~torchcaps.Conv2dCaps`).
+        batch_chunk: ``batch_chunk`` of the class capsule layer (see
+            :class:`~torchcaps.DenseCaps`).
+
+    Shape:
+        - x: :math:`(B, C, H, W)` = ``(B, *in_shape)``.
+        - target: :math:`(B,)` class indices, or ``None``.
+        - Output: :class:`~torchcaps.models.CapsuleOutput` with ``scores`` :math:`(B, K)`,
+          ``capsules`` :math:`(B, K, D)` and ``reconstruction`` :math:`(B, C, H, W)` (or
+          ``None`` without the decoder).
+
+    Examples:
+        >>> import torch
+        >>> from torchcaps.models import CapsNet
+        >>> model = CapsNet()  # the paper's MNIST model
+        >>> out = model(torch.rand(2, 1, 28, 28), torch.tensor([3, 7]))
+        >>> out.scores.shape, out.capsules.shape, out.reconstruction.shape
+        (torch.Size([2, 10]), torch.Size([2, 10, 16]), torch.Size([2, 1, 28, 28]))
+        >>> small = CapsNet((3, 24, 24), 5, conv_channels=32, primary_capsules=8, class_dim=8)
+        >>> small(torch.rand(4, 3, 24, 24)).capsules.shape
+        torch.Size([4, 5, 8])
+    """
+
+    decoder: MaskedDecoder | None
+
+    def __init__(
+        self,
+        in_shape: Sequence[int] = (1, 28, 28),
+        num_classes: int = 10,
+        *,
+        conv_channels: int = 256,
+        conv_kernel: int = 9,
+        primary_capsules: int = 32,
+        primary_dim: int = 8,
+        primary_kernel: int = 9,
+        primary_stride: int = 2,
+        class_dim: int = 16,
+        routing_iterations: int = 3,
+        reconstruction: bool = True,
+        decoder_hidden: Sequence[int] = (512, 1024),
+        conv_impl: Literal["auto", "native", "matmul"] = "auto",
+        batch_chunk: int | Literal["auto"] | None = "auto",
+    ) -> None:
+        super().__init__()
+        owner = "CapsNet"
+        if not isinstance(in_shape, Sequence) or len(in_shape) != 3:
+            raise TypeError(f"{owner}: in_shape must be a triple (C, H, W), got {in_shape!r}")
+        self.in_shape = tuple(
+            check_int(f"in_shape[{i}]", s, owner=owner) for i, s in enumerate(in_shape)
+        )
+        self.num_classes = check_int("num_classes", num_classes, owner=owner)
+        if not isinstance(reconstruction, bool):
+            raise TypeError(
+                f"{owner}: reconstruction must be a bool, got {type(reconstruction).__name__}"
+            )
+        channels, height, width = self.in_shape
+        self.conv1 = nn.Conv2d(channels, conv_channels, kernel_size=conv_kernel)
+        self.primary = Conv2dCaps(
+            conv_channels,
+            primary_capsules,
+            primary_dim,
+            kernel_size=primary_kernel,
+            stride=primary_stride,
+            conv_impl=conv_impl,
+        )
+        grid_h, grid_w = self.primary.output_size(
+            height - conv_kernel + 1, width - conv_kernel + 1
+        )
+        if min(height, width) < conv_kernel or grid_h < 1 or grid_w < 1:
+            raise ValueError(
+                f"{owner}: in_shape {self.in_shape} is too small for conv1 ({conv_kernel}x"
+                f"{conv_kernel}) followed by the primary layer ({primary_kernel}x{primary_kernel},"
+                f" stride {primary_stride})"
+            )
+        self.digits = DenseCaps(
+            primary_capsules * grid_h * grid_w,
+            primary_dim,
+            self.num_classes,
+            class_dim,
+            routing=DynamicRouting(routing_iterations),
+            batch_chunk=batch_chunk,
+        )
+        self.decoder = (
+            MaskedDecoder(self.num_classes, class_dim, self.in_shape, decoder_hidden)
+            if reconstruction
+            else None
+        )
+
+    def forward(self, x: Tensor, target: Tensor | None = None) -> CapsuleOutput:
+        """Class scores, class capsules and (with the decoder) the reconstruction."""
+        check_tensor("x", x, owner="CapsNet")
+        c, h, w = self.in_shape
+        check_shape(x, "B C H W", name="x", owner="CapsNet", C=c, H=h, W=w)
+        v = self.digits(self.primary(F.relu(self.conv1(x))))
+        recon = self.decoder(v, target) if self.decoder is not None else None
+        return CapsuleOutput(capsule_lengths(v), v, recon)
+
+
+@register_model("capsnet_mnist")
+def capsnet_mnist(**kwargs: Any) -> CapsNet:
+    """The paper's MNIST CapsNet: 28x28 digits, 10 classes, 3 routing iterations, decoder.
+
+    8,215,568 parameters (6,804,224 with ``reconstruction=False``). Keyword arguments override
+    the defaults of :class:`CapsNet`.
+
+    Examples:
+        >>> from torchcaps.models import capsnet_mnist
+        >>> sum(p.numel() for p in capsnet_mnist().parameters())
+        8215568
+    """
+    return CapsNet(**{"in_shape": (1, 28, 28), "num_classes": 10, **kwargs})
