@@ -10,9 +10,9 @@ Usage::
 :data:`MODULES`.
 
 Each public object gets one generated page, under its *home* name: the first module of
-:data:`MODULES` whose ``__all__`` has it, in the order ``functional``, ``routing``, ``testing``,
-top level (so ``torchcaps.DynamicRouting`` is documented as ``torchcaps.routing.DynamicRouting``
-and ``torchcaps.squash`` as ``torchcaps.functional.squash``). Re-exports are listed too, without
+:data:`HOME_ORDER` whose ``__all__`` has it, the subpackages before the top level (so
+``torchcaps.DynamicRouting`` is documented as ``torchcaps.routing.DynamicRouting`` and
+``torchcaps.squash`` as ``torchcaps.functional.squash``). Re-exports are listed too, without
 a page of their own; ``docs/conf.py`` resolves references to them to the home page.
 
 It exits with status 1 and lists the problems when
@@ -36,9 +36,25 @@ from pathlib import Path
 from types import ModuleType
 
 #: The modules whose ``__all__`` the API reference must cover.
-MODULES = ("torchcaps", "torchcaps.functional", "torchcaps.routing", "torchcaps.testing")
+MODULES = (
+    "torchcaps",
+    "torchcaps.errors",
+    "torchcaps.functional",
+    "torchcaps.layers",
+    "torchcaps.models",
+    "torchcaps.routing",
+    "torchcaps.testing",
+)
 #: Where a re-exported object is documented: the first of these modules that exports it.
-HOME_ORDER = ("torchcaps.functional", "torchcaps.routing", "torchcaps.testing", "torchcaps")
+HOME_ORDER = (
+    "torchcaps.errors",
+    "torchcaps.functional",
+    "torchcaps.layers",
+    "torchcaps.models",
+    "torchcaps.routing",
+    "torchcaps.testing",
+    "torchcaps",
+)
 
 _DIRECTIVE = re.compile(r"^(\s*)\.\.\s+(?:py:)?([\w:-]+)::\s*(\S*)\s*$")
 _MODULE_DIRECTIVES = {"currentmodule", "module", "automodule"}

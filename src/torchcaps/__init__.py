@@ -9,9 +9,9 @@ helpers in :mod:`torchcaps.testing`.
 """
 
 from torchcaps import errors, functional, layers, models, routing, testing
-from torchcaps.errors import ShapeError
 from torchcaps._version import __version__
 from torchcaps.decoders import MaskedDecoder
+from torchcaps.errors import ShapeError
 from torchcaps.functional import capsule_lengths, squash
 from torchcaps.layers import Conv2dCaps, DenseCaps
 from torchcaps.losses import MarginLoss, ReconstructionLoss

@@ -53,12 +53,7 @@ def in_graph_capture() -> bool:
     The automatic CPU fast paths (``conv_impl="auto"``, ``batch_chunk="auto"``) step aside
     then, so that captured graphs hold the plain operations.
     """
-    return (
-        torch.jit.is_tracing()
-        or torch.jit.is_scripting()
-        or is_compiling()
-        or is_exporting()
-    )
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or is_compiling() or is_exporting()
 
 
 def check_int(name: str, value: Any, *, minimum: int = 1, owner: str = "") -> int:
@@ -154,7 +149,9 @@ def check_shape(
                 break
             bound[d] = size
     if not ok:
-        raise ShapeError(f"{owner} expected {name} of shape {expected}{note}, got {shape_str(shape)}")
+        raise ShapeError(
+            f"{owner} expected {name} of shape {expected}{note}, got {shape_str(shape)}"
+        )
     return {d: v for d, v in bound.items() if not d.isdigit()}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = ["ShapeError"]
 
+
 class ShapeError(ValueError):
     """A tensor argument has the wrong shape (a :class:`ValueError`).
 
@@ -16,7 +17,6 @@ class ShapeError(ValueError):
         >>> try:
         ...     DynamicRouting()(torch.zeros(2, 3, 4))
         ... except ShapeError as exc:
-        ...     print(exc)
-        DynamicRouting expected u_hat of shape (B, N_in, N_out, D_out) with N_in, N_out, D_out >= 1, got (2, 3, 4)
+        ...     print(exc)  # doctest: +ELLIPSIS
+        DynamicRouting expected u_hat of shape (B, N_in, N_out, D_out) ..., got (2, 3, 4)
     """
-

@@ -131,7 +131,9 @@ def _fields(out: object, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
             f"{name}: forward must return a CapsuleOutput(scores, capsules, reconstruction), "
             f"got {type(out).__name__}"
         )
-    scores, capsules, recon = out  # type: ignore[misc]
+    scores: Tensor = out.scores  # type: ignore[attr-defined]
+    capsules: Tensor = out.capsules  # type: ignore[attr-defined]
+    recon: Tensor | None = out.reconstruction  # type: ignore[attr-defined]
     return scores, capsules, recon
 
 
@@ -188,7 +190,9 @@ def assert_model_contract(
     if capsules.dim() != 3 or tuple(capsules.shape[:2]) != (batch, num_classes):
         raise AssertionError(f"{name}: capsules must be (B, K, D), got {tuple(capsules.shape)}")
     if recon is not None and tuple(recon.shape) != (batch, *in_shape):
-        raise AssertionError(f"{name}: reconstruction must be (B, *in_shape) = {(batch, *in_shape)}")
+        raise AssertionError(
+            f"{name}: reconstruction must be (B, *in_shape) = {(batch, *in_shape)}"
+        )
     outputs = [t for t in (scores, capsules, recon) if t is not None]
     if not all(bool(torch.isfinite(t).all()) for t in outputs):
         raise AssertionError(f"{name}: outputs are not finite for finite input")

@@ -1,4 +1,4 @@
-"""Fully connected capsules: :class:`DenseCaps`, predictions of every child for every parent, routed."""
+"""Fully connected capsules: :class:`DenseCaps`, every child predicts every parent, then routing."""
 
 from __future__ import annotations
 

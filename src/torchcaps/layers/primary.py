@@ -158,7 +158,12 @@ class Conv2dCaps(nn.Module):
             x = x.permute(0, 1, 4, 2, 3).reshape(b, n * d, h, w)
         elif x.dim() == 4:
             check_shape(
-                x, "B C H W", name="input", owner=owner, empty_ok=("B", "H", "W"), C=self.in_channels
+                x,
+                "B C H W",
+                name="input",
+                owner=owner,
+                empty_ok=("B", "H", "W"),
+                C=self.in_channels,
             )
         else:
             raise ShapeError(

@@ -4,10 +4,8 @@ Builders register under a name with :func:`register_model`; :func:`get_model` bu
 and :func:`list_models` lists the names, as in ``torchvision.models``.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
@@ -18,15 +16,24 @@ class CapsuleOutput(NamedTuple):
     """What the ``forward(x, target=None)`` of every registered model returns.
 
     A :class:`~typing.NamedTuple`, so ``torch.compile``, ``torch.export`` and the ONNX exporter
-    treat it as a tuple of its fields (``None`` fields are dropped from an exported graph).
+    treat it as a tuple of its fields (``None`` fields are dropped from an exported graph). The
+    fields: ``scores``, the class scores, whose argmax is the prediction (for
+    :class:`~torchcaps.models.CapsNet` the lengths of the class capsules); ``capsules``, the
+    class capsules; ``reconstruction``, the decoder's output, masked by the target when one is
+    given and by the prediction otherwise, or ``None`` for a model without decoder.
 
-    Attributes:
-        scores: :math:`(B, K)` class scores; the prediction is their argmax. For
-            :class:`~torchcaps.models.CapsNet`, the lengths of the class capsules.
-        capsules: :math:`(B, K, D)`, the class capsules.
-        reconstruction: :math:`(B, *\\text{input shape})` from the decoder, masked by the target
-            when one is given and by the prediction otherwise; ``None`` for models without a
-            decoder.
+    Shape:
+        - scores: :math:`(B, K)`.
+        - capsules: :math:`(B, K, D)`.
+        - reconstruction: :math:`(B, *)`, the input's shape, or ``None``.
+
+    Examples:
+        >>> import torch
+        >>> from torchcaps.models import CapsuleOutput
+        >>> out = CapsuleOutput(torch.zeros(2, 10), torch.zeros(2, 10, 16), None)
+        >>> scores, capsules, reconstruction = out  # a tuple
+        >>> out.scores.shape, out.reconstruction is None
+        (torch.Size([2, 10]), True)
     """
 
     scores: Tensor
@@ -34,11 +41,11 @@ class CapsuleOutput(NamedTuple):
     reconstruction: Tensor | None
 
 
-M = TypeVar("M", bound=nn.Module)
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+Builder = Callable[..., nn.Module]
+_BUILDERS: dict[str, Builder] = {}
 
 
-def register_model(name: str) -> Callable[[Callable[..., M]], Callable[..., M]]:
+def register_model(name: str) -> Callable[[Builder], Builder]:
     """Register a model builder under ``name`` (a decorator).
 
     The builder takes keyword arguments only and returns an :class:`~torch.nn.Module` whose
@@ -63,7 +70,7 @@ def register_model(name: str) -> Callable[[Callable[..., M]], Callable[..., M]]:
     if not isinstance(name, str) or not name:
         raise TypeError(f"register_model: name must be a non-empty str, got {name!r}")
 
-    def wrapper(fn: Callable[..., M]) -> Callable[..., M]:
+    def wrapper(fn: Builder) -> Builder:
         if name in _BUILDERS:
             raise ValueError(f"register_model: a model named {name!r} is already registered")
         _BUILDERS[name] = fn
@@ -83,7 +90,7 @@ def list_models() -> list[str]:
     return sorted(_BUILDERS)
 
 
-def get_model_builder(name: str) -> Callable[..., nn.Module]:
+def get_model_builder(name: str) -> Builder:
     """The builder registered as ``name``; :class:`ValueError` listing the choices otherwise."""
     try:
         return _BUILDERS[name]

@@ -115,9 +115,7 @@ class CapsNet(nn.Module):
             stride=primary_stride,
             conv_impl=conv_impl,
         )
-        grid_h, grid_w = self.primary.output_size(
-            height - conv_kernel + 1, width - conv_kernel + 1
-        )
+        grid_h, grid_w = self.primary.output_size(height - conv_kernel + 1, width - conv_kernel + 1)
         if min(height, width) < conv_kernel or grid_h < 1 or grid_w < 1:
             raise ValueError(
                 f"{owner}: in_shape {self.in_shape} is too small for conv1 ({conv_kernel}x"
