@@ -1,14 +1,25 @@
-"""Shared plumbing of the benchmark scripts: machine info, worker subprocesses, memory, tables.
+"""The benchmark driver and its plumbing: machine info, worker processes, memory, tables, JSON.
 
-Every measured configuration runs in its own short-lived worker process (the script itself,
-called with ``--worker``), so that peak memory is per configuration and one configuration's
-allocator or thread-pool state cannot leak into the next. The parent interleaves the workers
-across repeats (rotating the order each repeat) and aggregates medians.
+A benchmark script is a :class:`Spec` (what it measures: configurations, settings, a
+``measure`` function, the table's columns) handed to :func:`run`, which does the rest the same
+way for every script: the command line (the spec's :class:`Setting` flags with a full and a
+``--quick`` value, ``--configs``, ``--repeats``, ``--threads``, ``--json``, ...), an optional
+check before timing, the repeats, the medians, the machine block, the table and the JSON.
+
+With ``isolate=True`` every (configuration, repeat) runs in its own short-lived worker process
+(the script itself, called with ``--worker`` and one JSON argument holding the configuration,
+the repeat and every setting), so that peak memory is per configuration and one
+configuration's allocator or thread-pool state cannot leak into the next; the spec's
+``pythonpath`` folders are put on the workers' ``PYTHONPATH``. With ``isolate=False``
+``measure`` runs in the driver's process. Either way the driver alternates the configurations
+within each repeat (rotating the order each repeat) and reports medians over the repeats.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import inspect
 import json
 import os
 import platform
@@ -18,7 +29,9 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -213,15 +226,26 @@ def emit_result(result: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def run_worker(script: Path, argv: Sequence[str], timeout: float | None) -> dict[str, Any]:
+def run_worker(
+    script: Path,
+    argv: Sequence[str],
+    timeout: float | None,
+    pythonpath: Sequence[Path] = (),
+) -> dict[str, Any]:
     """Parent side: run ``script argv`` in a fresh interpreter and return its result dict.
 
-    A failed worker (non-zero exit, timeout, no result line) gives ``{"error": ...}``.
+    ``pythonpath`` folders go in front of the worker's ``PYTHONPATH``. A failed worker
+    (non-zero exit, timeout, no result line) gives ``{"error": ...}``.
     """
     cmd = [sys.executable, str(script), *argv]
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(
+            [*(str(p) for p in pythonpath), *filter(None, [env.get("PYTHONPATH")])]
+        )
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s", "wall_s": time.perf_counter() - start}
     wall = time.perf_counter() - start
@@ -298,3 +322,345 @@ def timed(fn: Callable[[], Any], device: Any) -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------
+CHECK = "check"  # the configuration name of the check worker
+
+
+@dataclass(frozen=True)
+class Setting:
+    """An integer setting with a value for full runs and one for ``--quick`` (flag ``--<name>``).
+
+    Either can be overridden on the command line; values below ``minimum`` are refused.
+    """
+
+    full: int
+    quick: int
+    help: str
+    minimum: int = 1
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the table: ``value`` (a row key, or a function of the row) formatted.
+
+    ``header`` may contain ``{mem}`` (the memory unit); text values are shown as they are,
+    numbers with ``spec`` and ``suffix``; ``memory=True`` marks peaks since process start
+    with ``*``.
+    """
+
+    header: str
+    value: str | Callable[[dict[str, Any]], Any]
+    spec: str = ".1f"
+    suffix: str = ""
+    memory: bool = False
+
+    def cell(self, row: dict[str, Any]) -> str:
+        value = row.get(self.value) if isinstance(self.value, str) else self.value(row)
+        if isinstance(value, str):
+            return value
+        mark = "*" if self.memory and row.get("memory_peak_since_start") else ""
+        return fmt(value, self.spec, self.suffix + mark)
+
+
+@dataclass
+class Report:
+    """What a spec adds after the medians: lines printed above the table, keys of the JSON."""
+
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _all_configs(settings: argparse.Namespace, names: list[str]) -> list[str]:
+    return names
+
+
+def _no_report(
+    rows: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]], s: argparse.Namespace
+) -> Report:
+    return Report()
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one benchmark script measures; :func:`run` does the rest.
+
+    - ``measure(config, settings) -> dict``: one repeat of one configuration (``settings``
+      holds every setting and ``repeat``, the repeat's index); in a worker process unless
+      ``isolate=False``. ``check(settings) -> dict`` (optional, in a worker too): run once
+      before timing, it returns ``ok`` and a one-line ``summary``.
+    - ``configs``: every configuration by name; ``default_configs``/``quick_configs``: those
+      run without ``--configs``; ``companions``: extra configurations measured in every repeat
+      (in the rotation, in ``raw`` of the JSON) that get no row, e.g. a ceiling.
+    - ``settings``: the :class:`Setting` flags (``repeats`` among them); ``add_arguments``:
+      further flags; ``prepare(settings, configs) -> configs``: checks and completes both.
+    - Rows: per configuration ``config``, ``repeats_ok``, ``errors``,
+      ``memory_peak_since_start``, the keys in ``first`` from the first successful repeat, and
+      the median and ``<key>_range`` (min, max) over repeats of each key in ``medians``;
+      ``finish(rows, runs, settings) -> Report`` adds derived keys (ratios) to the rows.
+    - The table: ``columns`` (the first ``left`` are text), under ``caption(settings)``;
+      ``progress(result)``: the log line of one measurement.
+    - ``pythonpath``: folders the workers import from (put on their ``PYTHONPATH``).
+    """
+
+    name: str
+    description: str
+    configs: Mapping[str, Any]
+    default_configs: Sequence[str]
+    quick_configs: Sequence[str]
+    settings: Mapping[str, Setting]
+    measure: Callable[[str, argparse.Namespace], dict[str, Any]]
+    columns: Sequence[Column]
+    medians: Sequence[str]
+    caption: Callable[[argparse.Namespace], str]
+    progress: Callable[[dict[str, Any]], str]
+    first: Sequence[str] = ()
+    left: int = 1
+    add_arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments
+    prepare: Callable[[argparse.Namespace, list[str]], list[str]] = _all_configs
+    finish: Callable[
+        [list[dict[str, Any]], dict[str, list[dict[str, Any]]], argparse.Namespace], Report
+    ] = _no_report
+    check: Callable[[argparse.Namespace], dict[str, Any]] | None = None
+    companions: Sequence[str] = ()
+    isolate: bool = True
+    cpu_only: bool = False
+    pythonpath: Sequence[Path] = ()
+
+    @property
+    def script(self) -> Path:
+        """The benchmark script (the module that defines ``measure``): what workers run."""
+        return Path(inspect.getfile(self.measure)).resolve()
+
+
+def build_parser(spec: Spec) -> argparse.ArgumentParser:
+    """The command line of ``spec``'s script."""
+    p = argparse.ArgumentParser(
+        description=spec.description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    quick = {k: s.quick for k, s in spec.settings.items() if s.quick != s.full}
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a short run: {quick} and configs {list(spec.quick_configs)} (each can still be "
+        "overridden)",
+    )
+    p.add_argument(
+        "--configs",
+        default=None,
+        help=f"comma-separated from {list(spec.configs)} (default {list(spec.default_configs)}"
+        f"; --quick: {list(spec.quick_configs)})",
+    )
+    for key, s in spec.settings.items():
+        default = f"default {s.full}" + (f", --quick {s.quick}" if s.quick != s.full else "")
+        p.add_argument(
+            "--" + key.replace("_", "-"), type=int, default=argparse.SUPPRESS,
+            help=f"{s.help} ({default})",
+        )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads" + (" in the workers" if spec.isolate else "")
+        + " (default: PyTorch's choice)",
+    )
+    if spec.cpu_only:
+        p.set_defaults(device="cpu")
+    else:
+        p.add_argument("--device", default="cpu", help="'cpu' or 'cuda[:N]'")
+    if spec.check is not None:
+        p.add_argument("--no-check", action="store_true", help="skip the check before timing")
+    p.add_argument("--seed", type=int, default=0)
+    if spec.isolate:
+        p.add_argument(
+            "--worker-timeout",
+            type=float,
+            default=3600.0,
+            help="seconds after which a worker is abandoned",
+        )
+    spec.add_arguments(p)
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    return p
+
+
+def resolve(spec: Spec, args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]]:
+    """Fill the settings not given from the full or quick values; check them; the configs."""
+    for key, s in spec.settings.items():
+        value = getattr(args, key, s.quick if args.quick else s.full)
+        if value < s.minimum:
+            raise SystemExit(f"--{key.replace('_', '-')} must be >= {s.minimum}, got {value}")
+        setattr(args, key, value)
+    if args.configs:
+        names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    else:
+        names = list(spec.quick_configs if args.quick else spec.default_configs)
+    names = spec.prepare(args, names)
+    unknown = [c for c in names if c not in spec.configs]
+    if unknown:
+        raise SystemExit(f"unknown config(s) {unknown}; choices: {list(spec.configs)}")
+    args.configs = names
+    return args, names
+
+
+def _set_threads(threads: int | None) -> int:
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def _worker(spec: Spec, payload: str) -> None:
+    """Worker side: one measurement (or the check) from the JSON payload; print its result."""
+    job = json.loads(payload)
+    settings = argparse.Namespace(**job["settings"], repeat=job["repeat"])
+    threads = _set_threads(settings.threads)
+    if job["config"] == CHECK and spec.check is not None:
+        result = spec.check(settings)
+    else:
+        result = spec.measure(job["config"], settings)
+    result["threads"] = threads
+    emit_result(result)
+
+
+def _measure(
+    spec: Spec, name: str, repeat: int | None, settings: argparse.Namespace
+) -> dict[str, Any]:
+    """One measurement: in a fresh worker process, or here when the spec says ``isolate=False``."""
+    if spec.isolate:
+        job = {"config": name, "repeat": repeat, "settings": vars(settings)}
+        argv = ["--worker", json.dumps(job)]
+        return run_worker(spec.script, argv, settings.worker_timeout, spec.pythonpath)
+    start = time.perf_counter()
+    try:
+        result = spec.measure(name, argparse.Namespace(**vars(settings), repeat=repeat))
+    except Exception as exc:  # noqa: BLE001 - reported like a failed worker
+        traceback.print_exc()
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def summarise(
+    spec: Spec, names: Sequence[str], runs: dict[str, list[dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """One row per configuration: medians and ranges over its successful repeats."""
+    rows = []
+    for name in names:
+        ok = [r for r in runs[name] if "error" not in r]
+        row: dict[str, Any] = {"config": name}
+        row.update({key: ok[0].get(key) if ok else None for key in spec.first})
+        row["repeats_ok"] = len(ok)
+        row["errors"] = [r["error"] for r in runs[name] if "error" in r]
+        row["memory_peak_since_start"] = any(r.get("memory_peak_since_start") for r in ok)
+        for key in spec.medians:
+            row[key] = median([r[key] for r in ok])
+            row[key + "_range"] = spread([r[key] for r in ok])
+        rows.append(row)
+    return rows
+
+
+def versus(
+    rows: list[dict[str, Any]],
+    key: str,
+    reference: Callable[[dict[str, Any]], str],
+    out: str,
+    *,
+    inverse: bool = False,
+) -> None:
+    """``row[out]`` = ``row[key]`` / that of the row named ``reference(row)`` (inverted with
+    ``inverse``: a speed-up from times); None where either is missing."""
+    by_name = {r["config"]: r for r in rows}
+    for row in rows:
+        ref = by_name.get(reference(row))
+        value, base = row[key], ref[key] if ref else None
+        row[out] = ((base / value) if inverse else (value / base)) if value and base else None
+
+
+def render(spec: Spec, rows: Sequence[dict[str, Any]], mem_label: str) -> str:
+    headers = [c.header.format(mem=mem_label) for c in spec.columns]
+    table = [
+        [c.cell(r) for c in spec.columns]
+        if r["repeats_ok"]
+        else [r["config"], "failed", *["-"] * (len(headers) - 2)]
+        for r in rows
+    ]
+    return format_table(headers, table, left=spec.left)
+
+
+def run(spec: Spec, argv: Sequence[str] | None = None) -> int:
+    """The benchmark script's ``main``: parse, check, measure, print the table, write JSON.
+
+    Returns 0 when every configuration has at least one successful repeat, 1 otherwise or
+    when the check fails.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--worker"] and len(argv) == 2:
+        _worker(spec, argv[1])
+        return 0
+    settings, names = resolve(spec, build_parser(spec).parse_args(argv))
+    json_path = vars(settings).pop("json")
+    started = time.perf_counter()
+    if not spec.isolate:
+        _set_threads(settings.threads)
+    info = machine_info(settings.device, settings.threads)
+    print(format_machine_info(info))
+    warning = busy_warning(info)
+    if warning:
+        print(warning)
+    shown = ", ".join(f"{k} {v}" for k, v in vars(settings).items() if k != "configs")
+    print(f"settings: {shown}; configs {names}", flush=True)
+
+    check = None
+    if spec.check is not None and not settings.no_check:
+        check = _measure(spec, CHECK, None, settings)
+        if "error" in check or not check.get("ok"):
+            print(f"CHECK FAILED ({spec.name}): {check}")
+            return 1
+        log(f"check: {check['summary']}")
+
+    order = [*spec.companions, *names]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in order}
+    for repeat, name in interleaved(order, settings.repeats):
+        result = _measure(spec, name, repeat, settings)
+        result["repeat"] = repeat
+        runs[name].append(result)
+        msg = "failed: " + result["error"] if "error" in result else spec.progress(result)
+        log(f"[repeat {repeat + 1}/{settings.repeats}] {name}: {msg} ({result['wall_s']:.1f} s)")
+
+    rows = summarise(spec, names, runs)
+    report = spec.finish(rows, runs, settings)
+    info["load_average_end"] = load_average()
+    elapsed = time.perf_counter() - started
+    since_start = any(r["memory_peak_since_start"] for r in rows)
+    print()
+    for line in report.notes:
+        print(line)
+    print(spec.caption(settings) + (" (* = since process start)" if since_start else ""))
+    print(render(spec, rows, "MB (alloc)" if settings.device.startswith("cuda") else "MB"))
+    for r in rows:
+        for err in r["errors"]:
+            print(f"{r['config']} failed: {err}")
+    print(f"load average at end {info['load_average_end']}; total {elapsed:.0f} s")
+    if json_path:
+        out = {
+            "benchmark": spec.name,
+            "machine": info,
+            "settings": vars(settings),
+            "configs": names,
+            "check": check,
+            **report.extra,
+            "rows": rows,
+            "raw": runs,
+            "total_s": elapsed,
+        }
+        write_json(json_path, out)
+        print(f"wrote {json_path}")
+    return 0 if all(r["repeats_ok"] for r in rows) else 1

@@ -46,15 +46,7 @@ MODULES = (
     "torchcaps.testing",
 )
 #: Where a re-exported object is documented: the first of these modules that exports it.
-HOME_ORDER = (
-    "torchcaps.errors",
-    "torchcaps.functional",
-    "torchcaps.layers",
-    "torchcaps.models",
-    "torchcaps.routing",
-    "torchcaps.testing",
-    "torchcaps",
-)
+HOME_ORDER = (*MODULES[1:], MODULES[0])  # the subpackages before the top level
 
 _DIRECTIVE = re.compile(r"^(\s*)\.\.\s+(?:py:)?([\w:-]+)::\s*(\S*)\s*$")
 _MODULE_DIRECTIVES = {"currentmodule", "module", "automodule"}
