@@ -1,4 +1,4 @@
-"""Routing by agreement (Procedure 1 of Sabour et al. 2017)."""
+"""Routing by agreement: Procedure 1 of the CapsNet paper (Sabour, Frosst & Hinton 2017)."""
 
 from __future__ import annotations
 
