@@ -446,29 +446,32 @@ def build_parser(spec: Spec) -> argparse.ArgumentParser:
         description=spec.description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     quick = {k: s.quick for k, s in spec.settings.items() if s.quick != s.full}
+    default_configs = f"default {list(spec.default_configs)}"
+    if list(spec.quick_configs) != list(spec.default_configs):
+        quick["configs"] = list(spec.quick_configs)
+        default_configs += f"; --quick: {list(spec.quick_configs)}"
     p.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"a short run: {quick} and configs {list(spec.quick_configs)} (each can still be "
-        "overridden)",
+        "--quick", action="store_true", help=f"a short run: {quick} (each can still be overridden)"
     )
     p.add_argument(
         "--configs",
-        default=None,
-        help=f"comma-separated from {list(spec.configs)} (default {list(spec.default_configs)}"
-        f"; --quick: {list(spec.quick_configs)})",
+        default=argparse.SUPPRESS,
+        help=f"comma-separated from {list(spec.configs)} ({default_configs})",
     )
     for key, s in spec.settings.items():
         default = f"default {s.full}" + (f", --quick {s.quick}" if s.quick != s.full else "")
         p.add_argument(
-            "--" + key.replace("_", "-"), type=int, default=argparse.SUPPRESS,
+            "--" + key.replace("_", "-"),
+            type=int,
+            default=argparse.SUPPRESS,
             help=f"{s.help} ({default})",
         )
     p.add_argument(
         "--threads",
         type=int,
         default=None,
-        help="torch.set_num_threads" + (" in the workers" if spec.isolate else "")
+        help="torch.set_num_threads"
+        + (" in the workers" if spec.isolate else "")
         + " (default: PyTorch's choice)",
     )
     if spec.cpu_only:
@@ -477,7 +480,7 @@ def build_parser(spec: Spec) -> argparse.ArgumentParser:
         p.add_argument("--device", default="cpu", help="'cpu' or 'cuda[:N]'")
     if spec.check is not None:
         p.add_argument("--no-check", action="store_true", help="skip the check before timing")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     if spec.isolate:
         p.add_argument(
             "--worker-timeout",
@@ -497,7 +500,7 @@ def resolve(spec: Spec, args: argparse.Namespace) -> tuple[argparse.Namespace, l
         if value < s.minimum:
             raise SystemExit(f"--{key.replace('_', '-')} must be >= {s.minimum}, got {value}")
         setattr(args, key, value)
-    if args.configs:
+    if getattr(args, "configs", None):
         names = [c.strip() for c in args.configs.split(",") if c.strip()]
     else:
         names = list(spec.quick_configs if args.quick else spec.default_configs)
@@ -541,7 +544,7 @@ def _measure(
     start = time.perf_counter()
     try:
         result = spec.measure(name, argparse.Namespace(**vars(settings), repeat=repeat))
-    except Exception as exc:  # noqa: BLE001 - reported like a failed worker
+    except Exception as exc:  # reported like a failed worker
         traceback.print_exc()
         result = {"error": f"{type(exc).__name__}: {exc}"}
     result["wall_s"] = time.perf_counter() - start
