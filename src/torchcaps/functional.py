@@ -131,7 +131,7 @@ def _target_to_onehot(target: Tensor, lengths: Tensor, *, owner: str) -> Tensor:
         if target.shape[0] != batch:
             raise ShapeError(
                 f"{owner}: target of class indices must have shape ({batch},) to match lengths "
-                f"of shape {tuple(lengths.shape)}, got {tuple(target.shape)}"
+                f"of shape {shape_str(lengths.shape)}, got {shape_str(target.shape)}"
             )
         check_index_tensor("target", target, owner=owner)
         check_indices_in_range("target", target, k, owner=owner)
@@ -139,8 +139,8 @@ def _target_to_onehot(target: Tensor, lengths: Tensor, *, owner: str) -> Tensor:
     if target.dim() == 2:
         if tuple(target.shape) != (batch, k):
             raise ShapeError(
-                f"{owner}: multi-hot target must have shape {tuple(lengths.shape)} like "
-                f"lengths, got {tuple(target.shape)}"
+                f"{owner}: multi-hot target must have shape {shape_str(lengths.shape)} like "
+                f"lengths, got {shape_str(target.shape)}"
             )
         if target.is_complex():
             raise TypeError(f"{owner}: target must be real (0/1 entries), got {target.dtype}")
@@ -154,7 +154,7 @@ def _target_to_onehot(target: Tensor, lengths: Tensor, *, owner: str) -> Tensor:
         return target.to(lengths.dtype)
     raise ShapeError(
         f"{owner}: target must be class indices of shape ({batch},) or a multi-hot tensor of "
-        f"shape {tuple(lengths.shape)}, got {tuple(target.shape)}"
+        f"shape {shape_str(lengths.shape)}, got {shape_str(target.shape)}"
     )
 
 
@@ -309,7 +309,7 @@ def reconstruction_loss(
     if reconstruction.shape != target.shape:
         raise ShapeError(
             f"{owner}: target must have the shape of reconstruction "
-            f"{tuple(reconstruction.shape)}, got {tuple(target.shape)}"
+            f"{shape_str(reconstruction.shape)}, got {shape_str(target.shape)}"
         )
     check_float("weight", weight, minimum=0.0, owner=owner)
     check_choice("reduction", reduction, REDUCTIONS, owner=owner)
