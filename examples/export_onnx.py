@@ -17,14 +17,17 @@ by default (``--opset``). It needs the ``onnx`` and ``onnxscript`` packages
 (``pip install onnx onnxscript``); ``--verify N`` also needs ``onnxruntime`` and compares the
 ONNX model with PyTorch on N random images (same predictions, lengths within 1e-4).
 
-Other export paths, as tested with torch 2.14.1 (``tests/test_reliability.py``):
+Other export paths, as tested with torch 2.14.1 (``tests/models/test_capsnet.py``,
+``tests/examples/test_export_onnx.py``):
 
 - ``torch.export.export``: works, with a dynamic batch dimension; this is what the ONNX
   exporter above uses.
 - ``torch.compile(fullgraph=True)``: works, no graph breaks.
 - TorchScript, ``torch.jit.trace``: works and generalises to other batch sizes (the shape
-  checks of the library emit ``TracerWarning``\\ s; they only guard error paths). TorchScript
-  itself is deprecated upstream (``FutureWarning`` since torch 2.9); prefer ``torch.export``.
+  checks of the library emit ``TracerWarning``\\ s; they only guard error paths), for models
+  with a decoder; without one, the output holds ``None``, which a traced module cannot return.
+  TorchScript itself is deprecated upstream (``FutureWarning`` since torch 2.9); prefer
+  ``torch.export``.
 - TorchScript, ``torch.jit.script``: unsupported. The library's signatures use PEP 604
   annotations (``Tensor | None``), ``typing.overload`` and Python-level argument validation
   (``isinstance``, f-strings, ``math.prod`` over shapes) that the TorchScript compiler rejects.

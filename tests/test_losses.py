@@ -1,4 +1,12 @@
+"""torchcaps.losses: MarginLoss and ReconstructionLoss, and the margin_loss function they call.
+
+The modules call the public functional forms, so errors raised while validating forward()
+inputs name the function (``margin_loss: ...``); constructor errors name the class.
+"""
+
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 import torch
@@ -6,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.autograd import gradcheck
 
+from _strategies import BAD_FLOATS, RAISED, check_call, check_margin, margin_case
 from reference import margin_ref
 from torchcaps import MarginLoss, ReconstructionLoss
 from torchcaps.functional import margin_loss, reconstruction_loss
@@ -93,12 +102,13 @@ def test_margin_bad_input() -> None:
     with pytest.raises(TypeError, match="target of class indices must be an integer tensor"):
         loss(lengths, torch.tensor([1.0, 2.0]))
     with pytest.raises(
-        ValueError, match=r"lengths must have shape \(B, K\) with K >= 1 classes, got \(2, 10, 1\)"
+        ValueError,
+        match=r"margin_loss expected lengths of shape \(B, K\) with K >= 1 classes, got \(2, 10, 1\)",
     ):
         loss(lengths[..., None], torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="target must be class indices of shape"):
         loss(lengths, torch.zeros(2, 10, 1))
-    with pytest.raises(TypeError, match="MarginLoss: lengths must be a real floating-point"):
+    with pytest.raises(TypeError, match="margin_loss: lengths must be a real floating-point"):
         loss(torch.ones(2, 10, dtype=torch.long), torch.tensor([1, 2]))
 
 
@@ -125,4 +135,40 @@ def test_margin_module_equals_function() -> None:
     lengths, t = torch.rand(5, 7), torch.randint(0, 7, (5,))
     torch.testing.assert_close(
         MarginLoss(0.8, 0.3, 0.7, "sum")(lengths, t), margin_loss(lengths, t, 0.8, 0.3, 0.7, "sum")
+    )
+
+
+# -- fuzz ----------------------------------------------------------------------------------------
+@given(margin_case())
+def test_fuzz_margin_loss_module(case: dict[str, Any]) -> None:
+    opts, broken = case["opts"], case["broken"]
+    ctor_broken = broken if broken in opts else None
+    loss = check_call("MarginLoss", lambda: MarginLoss(**opts), ctor_broken, case["kind"])
+    if loss is RAISED:
+        return
+    fwd_broken = None if broken in opts else broken
+    out = check_call(
+        "MarginLoss",
+        lambda: loss(case["lengths"], case["target"]),
+        fwd_broken,
+        case["kind"],
+        nonfinite="lengths" if case["nonfinite"] else None,
+    )
+    check_margin(case, out)
+    if out is not RAISED and not case["nonfinite"]:
+        expected = margin_loss(case["lengths"], case["target"], **opts)
+        torch.testing.assert_close(out, expected, equal_nan=True)
+
+
+@given(st.data())
+def test_fuzz_reconstruction_loss_module_options(data: st.DataObject) -> None:
+    broken = data.draw(st.sampled_from(["weight", "reduction"]), label="broken")
+    value = data.draw(
+        st.sampled_from([-1.0, *BAD_FLOATS])
+        if broken == "weight"
+        else st.sampled_from(["avg", None, 0, "Mean"]),
+        label="value",
+    )
+    check_call(
+        "ReconstructionLoss", lambda: ReconstructionLoss(**{broken: value}), broken, repr(value)
     )

@@ -5,11 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import metrics_table as mt  # docs/ is on pytest's pythonpath
 import pytest
-
-from conftest import ROOT, load_script
-
-mt = load_script(ROOT / "docs" / "metrics_table.py", "metrics_table")
 
 
 def _record(epoch: int, acc: float, errors: int, seconds: float) -> dict:

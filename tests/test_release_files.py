@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import ROOT
+from _helpers import ROOT
 
 if not (ROOT / ".git").exists():
     pytest.skip("not a git checkout: no release files", allow_module_level=True)

@@ -103,7 +103,9 @@ def assert_routing_contract(
                 "batch elements must be independent"
             )
 
-    (grad,) = torch.autograd.grad(v.square().sum(), u_hat, allow_unused=True)
+    grad: Tensor | None = None
+    if v.requires_grad:  # a v outside the autograd graph: autograd.grad itself would raise
+        (grad,) = torch.autograd.grad(v.square().sum(), u_hat, allow_unused=True)
     if grad is None:
         raise AssertionError(f"{name}: no gradient flows from v back to u_hat")
     if not bool(torch.isfinite(grad).all()):
@@ -198,7 +200,8 @@ def assert_model_contract(
         raise AssertionError(f"{name}: outputs are not finite for finite input")
     loss = sum(t.float().square().mean() for t in outputs)
     model.zero_grad(set_to_none=True)
-    loss.backward()  # type: ignore[union-attr]
+    if loss.requires_grad:  # type: ignore[union-attr]  # outputs outside the graph: no backward
+        loss.backward()  # type: ignore[union-attr]
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         raise AssertionError(f"{name}: no parameter receives a gradient")

@@ -1,4 +1,9 @@
+"""torchcaps.routing.dynamic: DynamicRouting against Procedure 1 (float64 reference), properties,
+gradients, precision, errors and fuzzing."""
+
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 import torch
@@ -6,10 +11,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.autograd import gradcheck
 
-from conftest import TOL
+from _helpers import TOL
+from _strategies import (
+    BAD_FLOATS,
+    BAD_INTS,
+    FLOAT_DTYPES,
+    MODULE_DTYPES,
+    RAISED,
+    bad_tensors,
+    check_call,
+    finite,
+    real_tensors,
+)
 from reference import routing_ref
-from torchcaps import DynamicRouting, Routing, squash
-from torchcaps.routing import resolve_routing, routing_choices
+from torchcaps import DynamicRouting, squash
 from torchcaps.testing import assert_routing_contract
 
 shapes = st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 6), st.integers(1, 5))
@@ -224,27 +239,85 @@ def test_repr() -> None:
     assert "learned_prior=(4, 2)" in repr(DynamicRouting(learned_prior=(4, 2)))
 
 
-# -- resolver and base class ---------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "name", ["dynamic", "Dynamic", "DynamicRouting", "dynamic_routing", "dynamic-routing"]
-)
-def test_resolver_names(name: str) -> None:
-    r = resolve_routing(name, iterations=2)
-    assert isinstance(r, DynamicRouting) and r.iterations == 2
-
-
-def test_resolver_errors() -> None:
-    with pytest.raises(ValueError, match=r"could not resolve routing 'em'; choices: \['dynamic'\]"):
-        resolve_routing("em")
-    with pytest.raises(TypeError, match="routing must be a Routing instance or a name"):
-        resolve_routing(3)  # type: ignore[arg-type]
-    inst = DynamicRouting()
-    assert resolve_routing(inst) is inst
-    with pytest.raises(ValueError, match="routing_kwargs"):
-        resolve_routing(inst, iterations=2)
-    assert routing_choices() == ["dynamic"]
-
-
-def test_base_class_requires_route() -> None:
-    with pytest.raises(NotImplementedError, match="must implement route"):
-        Routing()(torch.randn(1, 2, 3, 4))
+# -- fuzz ----------------------------------------------------------------------------------------
+@given(st.data())
+def test_fuzz_dynamic_routing(data: st.DataObject) -> None:
+    ctor = ["iterations", "stop_gradient", "learned_prior", "eps"]
+    broken = data.draw(st.sampled_from([None, None, None, *ctor, "u_hat", "u_hat"]), label="broken")
+    b = data.draw(st.integers(0, 3), label="B")
+    n_in = data.draw(st.integers(1, 6), label="N_in")
+    n_out = data.draw(st.integers(1, 4), label="N_out")
+    d = data.draw(st.integers(1, 4), label="D")
+    kwargs: dict[str, Any] = {
+        "iterations": data.draw(st.integers(1, 6)),
+        "stop_gradient": data.draw(st.booleans()),
+        "learned_prior": data.draw(st.sampled_from([None, (n_in, n_out), [n_in, n_out]])),
+        "eps": data.draw(st.sampled_from([1e-12, 1e-6, 1e-3])),
+    }
+    kind = ""
+    if broken == "iterations":
+        kwargs[broken] = data.draw(st.sampled_from(BAD_INTS))
+    elif broken == "stop_gradient":
+        kwargs[broken] = data.draw(st.sampled_from([0, 1, "yes", None]))
+    elif broken == "learned_prior":
+        kwargs[broken] = data.draw(
+            st.sampled_from([(n_in,), (n_in, n_out, 1), (0, n_out), (n_in, -1), (1.5, 2), 3, "ab"])
+        )
+    elif broken == "eps":
+        kwargs[broken] = data.draw(st.sampled_from([0.0, -1.0, *BAD_FLOATS]))
+    if broken in ctor:
+        kind = repr(kwargs[broken])
+    routing = check_call(
+        "DynamicRouting", lambda: DynamicRouting(**kwargs), broken if broken in ctor else None, kind
+    )
+    if routing is RAISED:
+        return
+    dtype = data.draw(st.sampled_from(FLOAT_DTYPES), label="dtype")
+    nonfinite = broken is None and data.draw(st.integers(0, 5)) == 0
+    u: Any = data.draw(real_tensors((b, n_in, n_out, d), dtype, nonfinite=nonfinite), label="u_hat")
+    if broken == "u_hat":
+        choice = data.draw(st.integers(0, 2))
+        if choice == 0:
+            u, kind = data.draw(bad_tensors((b, n_in, n_out, d)))
+        elif choice == 1:
+            shape = data.draw(
+                st.sampled_from(
+                    [
+                        (b, n_in, n_out),
+                        (b, 0, n_out, d),
+                        (b, n_in, 0, d),
+                        (b, n_in, n_out, 0),
+                        (1, b, n_in, n_out, d),
+                    ]
+                )
+            )
+            u, kind = torch.rand(shape), f"shape {shape}"
+        else:
+            if routing.log_prior is None:
+                u, kind = torch.rand(b, n_in, n_out), "rank 3"
+            else:
+                u, kind = torch.rand(b, n_in + 1, n_out, d), "N_in != learned_prior"
+    grad = broken is None and not nonfinite and dtype in MODULE_DTYPES
+    if grad:
+        u = u.clone().requires_grad_(True)
+    out = check_call(
+        "DynamicRouting",
+        lambda: routing(u, return_coupling=True),
+        "u_hat" if broken == "u_hat" else None,
+        kind,
+        nonfinite="u_hat" if nonfinite else None,
+    )
+    if out is RAISED:
+        return
+    v, c = out
+    assert v.shape == (b, n_out, d) and c.shape == (b, n_in, n_out)
+    assert v.dtype == dtype
+    if not nonfinite:
+        assert finite(v) and finite(c)
+        assert bool((torch.linalg.vector_norm(v.double(), dim=-1) <= 1 + 1e-2).all())
+        torch.testing.assert_close(
+            c.double().sum(-1), torch.ones(b, n_in, dtype=torch.float64), atol=1e-2, rtol=0
+        )
+    if grad and v.numel():
+        (g,) = torch.autograd.grad(v.sum(), u)
+        assert finite(g), "DynamicRouting: non-finite gradient for finite input"

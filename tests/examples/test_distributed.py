@@ -1,7 +1,7 @@
 """Data-parallel training of the MNIST example: 2 CPU processes (gloo) on 127.0.0.1.
 
-``torch.distributed.run`` launches ``tests/_dist_worker.py``, which calls the example's ``run``
-unchanged and records each rank's final parameters, metrics and checkpoint writes. One launch
+``torch.distributed.run`` launches ``tests/examples/_dist_worker.py`` (with ``examples/`` on its
+``PYTHONPATH``), which calls the example's ``run`` unchanged and records each rank's final parameters, metrics and checkpoint writes. One launch
 trains epoch 1, a second launch resumes from ``last.pt`` and trains epoch 2; a single-process
 run with the same global batch trains epochs 1-2 straight. Checked:
 
@@ -15,7 +15,6 @@ run with the same global batch trains epochs 1-2 straight. Checked:
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -25,11 +24,11 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import load_example
+import engine
+import mnist_capsnet
+from _helpers import ROOT, examples_env
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "mnist_capsnet.py"
-WORKER = ROOT / "tests" / "_dist_worker.py"
+WORKER = Path(__file__).resolve().parent / "_dist_worker.py"
 ARGS = [
     "--embedded-sample",
     "--batch-size",
@@ -66,8 +65,10 @@ def _free_port() -> int:
 
 
 def _torchrun(record: Path, argv: list[str]) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
+    # The worker imports the example scripts plainly: examples/ goes on its PYTHONPATH.
+    env = examples_env(OMP_NUM_THREADS="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(name, None)
     if Path("/sys/class/net/lo").exists():
         env["GLOO_SOCKET_IFNAME"] = "lo"  # keep gloo on the loopback interface
     last = None
@@ -101,10 +102,6 @@ def _torchrun(record: Path, argv: list[str]) -> None:
     )
 
 
-def _example() -> Any:
-    return load_example("mnist_capsnet.py", "mnist_capsnet_dist")
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = tmp_path_factory.mktemp("ddp")
@@ -113,22 +110,23 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     _torchrun(first, [*ARGS, "--epochs", "1", "--out-dir", str(out)])
     _torchrun(second, [*ARGS, "--epochs", "2", "--resume", "--out-dir", str(out)])
 
-    ex = _example()
     trainers: list[Any] = []
-    init = ex.Trainer.__init__
+    init = engine.Trainer.__init__
 
     def recording_init(self: Any, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
         trainers.append(self)
 
-    ex.Trainer.__init__ = recording_init
     threads = torch.get_num_threads()
-    try:
-        single_history = ex.run(
-            [*ARGS, "--epochs", "2", "--out-dir", str(base / "single")], log=lambda *a, **k: None
-        )
-    finally:
-        torch.set_num_threads(threads)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine.Trainer, "__init__", recording_init)
+        try:
+            single_history = mnist_capsnet.run(
+                [*ARGS, "--epochs", "2", "--out-dir", str(base / "single")],
+                log=lambda *a, **k: None,
+            )
+        finally:
+            torch.set_num_threads(threads)
     return {
         "out": out,
         "first": first,
@@ -187,16 +185,3 @@ def test_resume_under_torchrun_and_rank0_writes(runs: dict[str, Any]) -> None:
     final = _state(runs["second"] / "rank0.pt")
     for name, value in last["model"].items():
         assert torch.equal(value, final[name]), name
-
-
-def test_random_shift_shards_draw_the_global_batch_offsets() -> None:
-    """Rank r of W shifts its shard exactly as a single process shifts the whole batch."""
-    ex = _example()
-    images = torch.randint(1, 256, (16, 28, 28), dtype=torch.uint8)
-    whole = ex.random_shift(images, 2, torch.Generator().manual_seed(5))
-    for world in (2, 4):
-        per = 16 // world
-        for rank in range(world):
-            g = torch.Generator().manual_seed(5)
-            shard = ex.random_shift(images[rank * per : (rank + 1) * per], 2, g, rank, world)
-            assert torch.equal(shard, whole[rank * per : (rank + 1) * per])

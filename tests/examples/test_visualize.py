@@ -9,25 +9,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_example
-
-VISUALIZE = Path(__file__).resolve().parents[1] / "examples" / "visualize.py"
-
-
-@pytest.fixture(scope="module")
-def vis():  # type: ignore[no-untyped-def]
-    return load_example("visualize.py")
+import loaders
+import runtime
+import visualize as vis
+from torchcaps.models import get_model
 
 
 @pytest.fixture(scope="module")
-def model(vis):  # type: ignore[no-untyped-def]
+def model():  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
-    return vis.ex.CapsNet().eval()
+    return get_model("capsnet_mnist").eval()
 
 
 @pytest.fixture(scope="module")
-def sample(vis):  # type: ignore[no-untyped-def]
-    data = vis.ex.load_embedded()
+def sample():  # type: ignore[no-untyped-def]
+    data = loaders.load_embedded()
     return data.test_images[:8], data.test_labels[:8]
 
 
@@ -61,7 +57,7 @@ def write_metrics(path: Path, epochs: int = 3) -> None:
     path.write_text("\n".join(lines[:1] + ["not json"] + lines[1:]) + "\n")
 
 
-def test_reconstructions(vis, model, sample, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_reconstructions(model, sample, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     images, labels = sample
     path = vis.plot_reconstructions(model, images[:5], labels[:5], tmp_path / "r.png", columns=4)
     assert path == tmp_path / "r.png"
@@ -73,7 +69,7 @@ def test_reconstructions(vis, model, sample, tmp_path: Path) -> None:  # type: i
     assert png_size(out) == (300, 250)
 
 
-def test_reconstructions_mark_misclassified_in_red(vis, model, sample, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_reconstructions_mark_misclassified_in_red(model, sample, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     images, _ = sample
     pred = vis.predict(model, images[:4])
     right = vis.plot_reconstructions(model, images[:4], pred, tmp_path / "right.png")
@@ -82,7 +78,7 @@ def test_reconstructions_mark_misclassified_in_red(vis, model, sample, tmp_path:
     assert red_pixels(wrong) > 4 * 4 * 80  # a 3-pixel red frame around 8 images
 
 
-def test_perturbations(vis, model, sample, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_perturbations(model, sample, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     images, labels = sample
     assert len(vis.PERTURBATIONS) == 11
     assert (
@@ -106,17 +102,17 @@ def test_perturbations(vis, model, sample, tmp_path: Path) -> None:  # type: ign
     assert vis.perturbations_size(10) == (2000, 1230)
 
 
-def test_coupling(vis, model, sample, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_coupling(model, sample, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     images, labels = sample
     path = vis.plot_coupling(model, images[0], int(labels[0]), tmp_path / "c.png", index=0)
     assert png_size(path) == vis.COUPLING_SIZE == (1100, 740)
     # one routing iteration gives uniform coupling; the figure still renders (no degenerate norm)
-    flat = vis.ex.CapsNet(routing_iterations=1, reconstruction=False).eval()
+    flat = get_model("capsnet_mnist", routing_iterations=1, reconstruction=False).eval()
     path = vis.plot_coupling(flat, torch.rand(1, 28, 28), None, tmp_path / "c1.png")
     assert png_size(path) == (1100, 740)
 
 
-def test_curves(vis, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_curves(tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     metrics = tmp_path / "metrics.jsonl"
     write_metrics(metrics)
     assert [r["epoch"] for r in vis.read_metrics(metrics)] == [1, 2, 3]
@@ -127,16 +123,16 @@ def test_curves(vis, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
         vis.plot_curves(tmp_path / "empty.jsonl", tmp_path / "x.png")
 
 
-def test_reconstruction_figures_need_a_decoder(vis, sample, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_reconstruction_figures_need_a_decoder(sample, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     images, labels = sample
-    bare = vis.ex.CapsNet(reconstruction=False)
+    bare = get_model("capsnet_mnist", reconstruction=False)
     with pytest.raises(vis.VisualizeError, match="without reconstruction"):
         vis.plot_reconstructions(bare, images[:2], labels[:2], tmp_path / "r.png")
     with pytest.raises(vis.VisualizeError, match="without reconstruction"):
         vis.plot_perturbations(bare, images[:1], [1], tmp_path / "p.png")
 
 
-def test_selection(vis, model, sample) -> None:  # type: ignore[no-untyped-def]
+def test_selection(model, sample) -> None:  # type: ignore[no-untyped-def]
     images, labels = sample
     predictions = vis.LazyPredictions(model, images, batch_size=4)
     pred = vis.predict(model, images)
@@ -150,7 +146,7 @@ def test_selection(vis, model, sample) -> None:  # type: ignore[no-untyped-def]
     torch.testing.assert_close(predictions.upto(8), pred)
 
 
-def test_main_on_a_checkpoint(vis, model, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_main_on_a_checkpoint(model, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     run = tmp_path / "run"
     run.mkdir()
     state = {
@@ -158,7 +154,7 @@ def test_main_on_a_checkpoint(vis, model, tmp_path: Path, capsys) -> None:  # ty
         "args": {"routing_iterations": 3, "reconstruction": True},
         "epoch": 3,
     }
-    vis.ex.atomic_save(state, run / "best.pt")
+    runtime.atomic_save(state, run / "best.pt")
     write_metrics(run / "metrics.jsonl")
     out = tmp_path / "figures"
     argv = ["--checkpoint", str(run / "best.pt"), "--out-dir", str(out), "--device", "cpu"]
@@ -184,10 +180,10 @@ def test_main_on_a_checkpoint(vis, model, tmp_path: Path, capsys) -> None:  # ty
     assert not (run / "coupling.png").exists()
 
 
-def test_main_without_decoder_skips_reconstructions(vis, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    bare = vis.ex.CapsNet(routing_iterations=1, reconstruction=False)
+def test_main_without_decoder_skips_reconstructions(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    bare = get_model("capsnet_mnist", routing_iterations=1, reconstruction=False)
     state = {"model": bare.state_dict(), "args": {"routing_iterations": 1}, "epoch": 1}
-    vis.ex.atomic_save(state, tmp_path / "last.pt")
+    runtime.atomic_save(state, tmp_path / "last.pt")
     argv = ["--checkpoint", str(tmp_path / "last.pt"), "--max-samples", "4", "--device", "cpu"]
     assert vis.main(argv + ["--figures", "reconstructions,perturbations", "coupling"]) == 0
     out = capsys.readouterr().out
@@ -198,7 +194,7 @@ def test_main_without_decoder_skips_reconstructions(vis, tmp_path: Path, capsys)
     assert vis.main(argv + ["--figures", "reconstructions"]) == 1
 
 
-def test_main_errors(vis, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_main_errors(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     assert vis.main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):

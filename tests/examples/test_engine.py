@@ -1,0 +1,104 @@
+"""examples/engine.py: the training step, the learning-rate schedules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import engine
+import presets
+from torchcaps.models import CapsNet
+
+
+def _context(model: CapsNet, scheduler: bool = True) -> engine.StepContext:
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return engine.StepContext(
+        model=model,
+        loss_fn=presets.CapsuleLoss(),
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler("cuda", enabled=False),
+        scheduler=engine.make_scheduler(optimizer, "cosine", total_steps=4) if scheduler else None,
+        amp="none",
+        device=torch.device("cpu"),
+    )
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_train_step_updates_the_parameters_and_returns_the_detached_loss() -> None:
+    model = CapsNet(conv_channels=8, primary_capsules=2, decoder_hidden=(32, 64))
+    ctx = _context(model)
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 3, 5, 9])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected, _ = engine.forward_loss(ctx, x, y, train=True)
+    loss = engine.train_step(ctx, x, y)
+    assert loss.dim() == 0 and not loss.requires_grad and loss.grad_fn is None
+    torch.testing.assert_close(loss, expected)  # the loss of the batch before the update
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert set(changed) == set(before)  # every parameter moved (Adam's first step)
+    assert ctx.scheduler is not None and ctx.scheduler.last_epoch == 1  # stepped per batch
+    assert ctx.optimizer.param_groups[0]["lr"] == pytest.approx(
+        1e-3 * engine.cosine_factor(1, 4, 0.01)
+    )
+    # a second step from the updated parameters gives another loss
+    assert not torch.equal(engine.train_step(ctx, x, y), loss)
+
+
+def test_forward_loss_masks_the_decoder_by_the_labels_only_in_training() -> None:
+    torch.manual_seed(0)
+    model = CapsNet(
+        (1, 12, 12),
+        3,
+        conv_channels=4,
+        conv_kernel=5,
+        primary_capsules=2,
+        primary_kernel=3,
+        decoder_hidden=(8,),
+    )
+    with torch.no_grad():
+        model.digits.weight.normal_(0, 0.5)
+    ctx = _context(model, scheduler=False)
+    x = torch.rand(4, 1, 12, 12)
+    with torch.no_grad():
+        predicted = model(x).scores.argmax(dim=1)
+        wrong = (predicted + 1) % 3
+        _, train_out = engine.forward_loss(ctx, x, wrong, train=True)
+        _, eval_out = engine.forward_loss(ctx, x, wrong, train=False)
+    torch.testing.assert_close(train_out.reconstruction, model(x, wrong).reconstruction)
+    torch.testing.assert_close(eval_out.reconstruction, model(x, predicted).reconstruction)
+    assert not torch.allclose(train_out.reconstruction, eval_out.reconstruction)
+
+
+def test_cosine_factor_values() -> None:
+    assert engine.cosine_factor(0, 100, 0.01) == 1.0
+    assert engine.cosine_factor(50, 100, 0.01) == pytest.approx(0.505)
+    assert engine.cosine_factor(25, 100, 0.0) == pytest.approx((1 + 2**-0.5) / 2)
+    assert engine.cosine_factor(100, 100, 0.01) == pytest.approx(0.01)
+    assert engine.cosine_factor(150, 100, 0.01) == pytest.approx(0.01)  # held after the end
+    steps = [engine.cosine_factor(t, 40, 0.1) for t in range(41)]
+    assert all(a > b for a, b in zip(steps, steps[1:]))  # strictly decreasing
+
+
+def test_make_scheduler() -> None:
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=1.0)
+    exp = engine.make_scheduler(opt, "exponential", total_steps=10, lr_decay=0.5)
+    assert isinstance(exp, torch.optim.lr_scheduler.ExponentialLR)
+    opt.step()
+    exp.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
+    opt = torch.optim.SGD([w], lr=1.0)
+    cos = engine.make_scheduler(opt, "cosine", total_steps=10, lr_min_factor=0.2)
+    for _ in range(10):
+        opt.step()
+        cos.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2)
+
+
+def test_train_batches_shard_each_global_batch() -> None:
+    whole = list(engine.train_batches(10, 4, torch.Generator().manual_seed(3)))
+    assert [len(b) for b in whole] == [4, 4]  # the partial last batch is dropped
+    for rank in range(2):
+        shards = list(engine.train_batches(10, 4, torch.Generator().manual_seed(3), rank, 2))
+        for shard, batch in zip(shards, whole, strict=True):
+            assert torch.equal(shard, batch[rank * 2 : (rank + 1) * 2])

@@ -1,0 +1,103 @@
+"""torchcaps.layers._tap_matmul: the per-tap matmul convolution against torch's, and its auto rule.
+
+Conv2dCaps(conv_impl=...), which uses it, is tested in test_primary.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck, gradgradcheck
+
+import torchcaps.layers._tap_matmul
+from torchcaps.layers._tap_matmul import MIN_CHANNELS, auto_prefers_tap_matmul, tap_matmul_conv2d
+
+CONFIGS = [
+    # (B, C, O, H, W, k, stride, padding, bias)
+    (2, 3, 4, 7, 7, (3, 3), (1, 1), (0, 0), True),
+    (3, 5, 6, 11, 9, (3, 2), (2, 1), (1, 0), True),
+    (1, 4, 2, 9, 10, (5, 5), (2, 3), (2, 1), False),
+    (2, 2, 3, 6, 6, (1, 1), (1, 1), (0, 0), True),
+    (2, 6, 4, 6, 8, (6, 8), (1, 1), (0, 0), True),  # kernel covers the whole input
+]
+
+
+def _inputs(config: tuple, dtype: torch.dtype = torch.float64, channels_last: bool = False):
+    b, c, o, h, w, k, _, _, bias = config
+    x = torch.randn(b, c, h, w, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(o, c, *k, dtype=dtype)
+    return x, weight, (torch.randn(o, dtype=dtype) if bias else None)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_matches_conv2d_in_float64(config: tuple, channels_last: bool) -> None:
+    x, weight, bias = _inputs(config, channels_last=channels_last)
+    stride, padding = config[6], config[7]
+    expected = F.conv2d(x, weight, bias, stride=stride, padding=padding)
+    got = tap_matmul_conv2d(x, weight, bias, stride, padding)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_gradcheck(config: tuple) -> None:
+    x, weight, bias = _inputs(config)
+    stride, padding = config[6], config[7]
+    args = [t.requires_grad_() for t in (x, weight, bias) if t is not None]
+
+    def fn(*ts: torch.Tensor) -> torch.Tensor:
+        b = ts[2] if bias is not None else None
+        return tap_matmul_conv2d(ts[0], ts[1], b, stride, padding)
+
+    assert gradcheck(fn, tuple(args))
+
+
+def test_double_backward_is_exact() -> None:
+    # create_graph=True takes the native route inside backward, so second derivatives exist.
+    x, weight, bias = _inputs((1, 2, 2, 5, 4, (3, 2), (2, 1), (1, 0), True))
+    args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_())
+
+    def fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return tap_matmul_conv2d(x, w, b, (2, 1), (1, 0))
+
+    assert gradgradcheck(fn, args)
+
+
+def test_gradients_only_for_what_requires_grad() -> None:
+    x, weight, bias = _inputs(CONFIGS[0])
+    weight.requires_grad_()
+    tap_matmul_conv2d(x, weight, bias, (1, 1), (0, 0)).sum().backward()
+    expected = torch.autograd.grad(F.conv2d(x, weight, bias).sum(), weight)[0]
+    assert x.grad is None
+    torch.testing.assert_close(weight.grad, expected, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 30, 10**9])
+def test_batch_chunks_give_the_same_result(
+    monkeypatch: pytest.MonkeyPatch, chunk_rows: int
+) -> None:
+    # 7 images of 3x5 output positions: chunks of 1, 2 (+ a remainder of 1) and 7 images.
+    monkeypatch.setattr(torchcaps.layers._tap_matmul, "CHUNK_ROWS", chunk_rows)
+    x, weight, bias = _inputs((7, 3, 4, 7, 11, (3, 3), (2, 2), (0, 0), True))
+    args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_())
+    y = tap_matmul_conv2d(*args, (2, 2), (0, 0))
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, args, g)
+    expected_y = F.conv2d(*args, stride=2)
+    expected = torch.autograd.grad(expected_y, args, g)
+    torch.testing.assert_close(y, expected_y, atol=1e-12, rtol=1e-10)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def test_auto_rule_excludes_fake_tensors() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    weight = torch.randn(MIN_CHANNELS, MIN_CHANNELS, 9, 9)
+    assert auto_prefers_tap_matmul(torch.randn(1, MIN_CHANNELS, 9, 9), weight)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(torch.randn(1, MIN_CHANNELS, 9, 9))
+        assert not auto_prefers_tap_matmul(fake, weight)
