@@ -9,7 +9,6 @@ import torch
 from torch import Tensor, nn
 
 from torchcaps._checks import (
-    ShapeError,
     autocast_dtype_out,
     check_int,
     check_tensor,
@@ -18,6 +17,7 @@ from torchcaps._checks import (
     no_autocast,
     shape_str,
 )
+from torchcaps.errors import ShapeError
 from torchcaps.routing import Routing, resolve_routing
 
 __all__ = ["DenseCaps"]

@@ -8,13 +8,13 @@ import torch
 from torch import Tensor, nn
 
 from torchcaps._checks import (
-    ShapeError,
     check_int,
     check_param_dtype,
     check_shape,
     check_tensor,
     shape_str,
 )
+from torchcaps.errors import ShapeError
 from torchcaps.functional import squash
 from torchcaps.layers._tap_matmul import auto_prefers_tap_matmul, tap_matmul_conv2d
 
