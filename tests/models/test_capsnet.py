@@ -207,6 +207,27 @@ def test_bad_config() -> None:
         CapsNet(reconstruction="yes")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "conv_channels",
+        "conv_kernel",
+        "primary_capsules",
+        "primary_dim",
+        "primary_kernel",
+        "primary_stride",
+        "class_dim",
+        "routing_iterations",
+    ],
+)
+def test_bad_size_arguments_are_named_by_capsnet(name: str) -> None:
+    # Each size is checked by CapsNet under its own name (not by the layer it is passed to).
+    with pytest.raises(ValueError, match=rf"^CapsNet: {name} must be >= 1, got 0$"):
+        CapsNet(**{name: 0})
+    with pytest.raises(TypeError, match=rf"^CapsNet: {name} must be an int, got float 2.5$"):
+        CapsNet(**{name: 2.5})
+
+
 def test_paper_model_bf16_autocast_forward() -> None:
     model = get_model("capsnet_mnist", reconstruction=False)
     x = torch.rand(2, 1, 28, 28)

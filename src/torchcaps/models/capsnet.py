@@ -101,6 +101,18 @@ class CapsNet(nn.Module):
             check_int(f"in_shape[{i}]", s, owner=owner) for i, s in enumerate(in_shape)
         )
         self.num_classes = check_int("num_classes", num_classes, owner=owner)
+        sizes = {
+            "conv_channels": conv_channels,
+            "conv_kernel": conv_kernel,
+            "primary_capsules": primary_capsules,
+            "primary_dim": primary_dim,
+            "primary_kernel": primary_kernel,
+            "primary_stride": primary_stride,
+            "class_dim": class_dim,
+            "routing_iterations": routing_iterations,
+        }
+        for key, value in sizes.items():  # named here, not by the layer that receives them
+            check_int(key, value, owner=owner)
         if not isinstance(reconstruction, bool):
             raise TypeError(
                 f"{owner}: reconstruction must be a bool, got {type(reconstruction).__name__}"
