@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -49,3 +51,76 @@ def margin_ref(
             tk = float(t[b, k])
             out[b] += tk * max(0.0, m_pos - l) ** 2 + lam * (1 - tk) * max(0.0, l - m_neg) ** 2
     return out
+
+
+def exp_squash_ref(s: Tensor, eps: float = 1e-20) -> Tensor:
+    """Efficient-CapsNet's squash literally, per vector of the last dimension (float64)."""
+    flat = s.reshape(-1, s.shape[-1]).double()
+    out = torch.zeros_like(flat)
+    for k in range(flat.shape[0]):
+        n = float(torch.sqrt((flat[k] * flat[k]).sum()))
+        # e^n overflows a double beyond n ~ 709; there 1 / e^n is 0 to double precision anyway
+        out[k] = (1 - 1 / (math.exp(min(n, 700.0)) + eps)) * flat[k] / (n + eps)
+    return out.reshape(s.shape)
+
+
+def self_attention_ref(u_hat: Tensor, prior: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Self-attention routing of Efficient-CapsNet with explicit loops (float64, slow).
+
+    A_ij is the row sum of parent j's N_in x N_in self-attention matrix, built here as that
+    matrix on purpose (the library never builds it).
+    """
+    batch, n_in, n_out, dim = u_hat.shape
+    v = torch.zeros(batch, n_out, dim, dtype=torch.float64)
+    weights = torch.zeros(batch, n_in, n_out, dtype=torch.float64)
+    for b in range(batch):
+        logits = torch.zeros(n_in, n_out, dtype=torch.float64)
+        for j in range(n_out):
+            attention = torch.zeros(n_in, n_in, dtype=torch.float64)
+            for i in range(n_in):
+                for k in range(n_in):
+                    attention[i, k] = torch.dot(u_hat[b, i, j], u_hat[b, k, j])
+            for i in range(n_in):
+                logits[i, j] = attention[i].sum() / math.sqrt(dim)
+        for i in range(n_in):
+            e = [math.exp(float(logits[i, j])) for j in range(n_out)]
+            for j in range(n_out):
+                weights[b, i, j] = e[j] / sum(e) + (0.0 if prior is None else float(prior[i, j]))
+        for j in range(n_out):
+            s_j = sum(weights[b, i, j] * u_hat[b, i, j] for i in range(n_in))
+            v[b, j] = exp_squash_ref(s_j)
+    return v, weights
+
+
+def layer_norm_ref(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """(x - mean) / sqrt(biased variance + eps) * weight + bias, for one vector."""
+    mean = x.sum() / x.numel()
+    var = ((x - mean) ** 2).sum() / x.numel()
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def inverted_dot_product_ref(
+    u_hat: Tensor, iterations: int, weight: Tensor, bias: Tensor, eps: float = 1e-5
+) -> tuple[Tensor, Tensor]:
+    """Inverted dot-product attention routing (Tsai et al. 2020) with explicit loops."""
+    batch, n_in, n_out, dim = u_hat.shape
+    p = torch.zeros(batch, n_out, dim, dtype=torch.float64)
+    r = torch.zeros(batch, n_in, n_out, dtype=torch.float64)
+    w, bb = weight.double(), bias.double()
+    for b in range(batch):
+        r_b = torch.full((n_in, n_out), 1.0 / n_out, dtype=torch.float64)
+        for t in range(iterations):
+            if t > 0:
+                for i in range(n_in):
+                    a = [
+                        float(torch.dot(p[b, j], u_hat[b, i, j])) / math.sqrt(dim)
+                        for j in range(n_out)
+                    ]
+                    e = [math.exp(x) for x in a]
+                    for j in range(n_out):
+                        r_b[i, j] = e[j] / sum(e)
+            for j in range(n_out):
+                s_j = sum(r_b[i, j] * u_hat[b, i, j] for i in range(n_in))
+                p[b, j] = layer_norm_ref(s_j, w, bb, eps)
+        r[b] = r_b
+    return p, r

@@ -6,9 +6,9 @@ Every routing algorithm the resolver finds (``routing_algorithms()``) must pass
 gradients, torch.compile, torch.export). A new routing or model is tested here as soon as it is
 exported or registered; its own numbers go in ``tests/routing/`` or ``tests/models/``.
 
-A routing algorithm is built with its default arguments. One that needs constructor arguments
-declares them on the class: a ``contract_kwargs(in_capsules, out_capsules)`` classmethod (or
-staticmethod) returning the keyword arguments for the probe sizes of the contract.
+A routing algorithm is built with the keyword arguments of its ``Routing.contract_kwargs(
+in_capsules, out_capsules, dim)`` classmethod for the probe sizes of the contract (none by
+default).
 """
 
 from __future__ import annotations
@@ -23,16 +23,14 @@ from torchcaps.models import get_model, list_models
 from torchcaps.routing import routing_algorithms
 from torchcaps.testing import assert_model_contract, assert_routing_contract
 
-IN_CAPSULES, OUT_CAPSULES = 7, 4  # the probe sizes passed to assert_routing_contract
+IN_CAPSULES, OUT_CAPSULES, DIM = 7, 4, 5  # the probe sizes passed to assert_routing_contract
 ROUTINGS = routing_algorithms()
 MODELS = list_models()
 
 
 def build_for_contract(cls: type[Routing]) -> Routing:
-    """``cls`` built with the keyword arguments of its ``contract_kwargs`` hook, if any."""
-    hook = getattr(cls, "contract_kwargs", None)
-    kwargs = hook(in_capsules=IN_CAPSULES, out_capsules=OUT_CAPSULES) if hook else {}
-    return cls(**kwargs)
+    """``cls`` built with the keyword arguments of its ``contract_kwargs`` hook."""
+    return cls(**cls.contract_kwargs(in_capsules=IN_CAPSULES, out_capsules=OUT_CAPSULES, dim=DIM))
 
 
 def test_there_is_something_to_check() -> None:
@@ -48,6 +46,7 @@ def test_routing_contract(cls: type[Routing], dtype: torch.dtype, atol: float) -
         build_for_contract(cls),
         in_capsules=IN_CAPSULES,
         out_capsules=OUT_CAPSULES,
+        dim=DIM,
         dtype=dtype,
         atol=atol,
     )
@@ -67,7 +66,7 @@ class _SizedRouting(Routing):
         self.logits = torch.nn.Parameter(torch.zeros(in_capsules, out_capsules))
 
     @classmethod
-    def contract_kwargs(cls, in_capsules: int, out_capsules: int) -> dict[str, Any]:
+    def contract_kwargs(cls, in_capsules: int, out_capsules: int, dim: int) -> dict[str, Any]:
         return {"in_capsules": in_capsules, "out_capsules": out_capsules}
 
     def route(self, u_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,10 +34,11 @@ from _strategies import (
     real_tensors,
     small_shape,
 )
-from reference import squash_ref
+from reference import exp_squash_ref, squash_ref
 from torchcaps import ReconstructionLoss
 from torchcaps.functional import (
     capsule_lengths,
+    exp_squash,
     margin_loss,
     mask_capsules,
     reconstruction_loss,
@@ -145,6 +146,88 @@ def test_squash_bad_input() -> None:
 
 def test_squash_exported_from_top_level() -> None:
     assert torchcaps.squash is squash
+
+
+# -- exp_squash --------------------------------------------------------------------------------
+def test_exp_squash_hand_computed() -> None:
+    v = exp_squash(torch.tensor([3.0, 4.0], dtype=torch.float64))  # |s| = 5
+    length = 1 - 1 / (math.exp(5.0) + 1e-20)
+    torch.testing.assert_close(v, torch.tensor([0.6, 0.8], dtype=torch.float64) * length)
+    assert float(exp_squash(torch.tensor([1.0, 0.0])).norm()) == pytest.approx(1 - math.exp(-1))
+
+
+def test_exp_squash_matches_reference(dtype: torch.dtype) -> None:
+    s = torch.randn(4, 7, 16, dtype=torch.float64) * torch.logspace(-3, 1.5, 7).view(1, 7, 1)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(
+        exp_squash(s.to(dtype)).double(), exp_squash_ref(s), atol=atol, rtol=rtol
+    )
+    torch.testing.assert_close(
+        exp_squash(s.transpose(1, 2).contiguous(), dim=1).transpose(1, 2), exp_squash(s)
+    )
+
+
+@given(st.integers(1, 5), st.integers(1, 12), st.floats(1e-3, 1e3), st.integers(0, 2**16))
+def test_exp_squash_properties(rows: int, dim: int, scale: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(rows, dim, generator=g, dtype=torch.float64) * scale
+    v = exp_squash(s)
+    n_s, n_v = s.norm(dim=-1), v.norm(dim=-1)
+    torch.testing.assert_close(n_v, 1 - torch.exp(-n_s), atol=1e-12, rtol=1e-9)  # length 1 - e^-|s|
+    assert bool((n_v <= 1 + 1e-12).all())  # 1 up to rounding once saturated
+    nonzero = n_s > 0
+    cos = (v * s).sum(-1)[nonzero] / (n_v[nonzero] * n_s[nonzero])
+    torch.testing.assert_close(cos, torch.ones_like(cos))  # the direction is kept
+    assert bool((v.norm(dim=-1) >= squash(s).norm(dim=-1) - 1e-12).all())  # saturates faster
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [0.0, 1e-40, 1e-30, 1e-8, 1.0, 1e4, 1e18, 1e30, 1e36])
+def test_exp_squash_finite_values_and_gradients(dtype: torch.dtype, scale: float) -> None:
+    s = (torch.randn(3, 8, dtype=dtype) * scale).requires_grad_(True)
+    v = exp_squash(s)
+    (grad,) = torch.autograd.grad(v.square().sum(), s)
+    assert bool(torch.isfinite(v).all()) and bool(torch.isfinite(grad).all())
+    if scale == 0.0:
+        assert bool((v == 0).all())
+    elif scale <= 1e-8:  # 1 - e^-|s| ~ |s|: v ~ s, also where |s|^2 underflows
+        torch.testing.assert_close(v, s.detach(), rtol=1e-5, atol=0)
+    elif scale >= 1e18:  # saturated: a unit vector, also where e^|s| and |s|^2 overflow
+        torch.testing.assert_close(v.norm(dim=-1), torch.ones(3, dtype=dtype))
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+def test_exp_squash_half_precision_computes_in_float32(amp_dtype: torch.dtype) -> None:
+    s = torch.full((2, 16), 300.0).to(amp_dtype)  # |s|^2 overflows float16
+    v = exp_squash(s)
+    assert v.dtype == amp_dtype and bool(torch.isfinite(v).all())
+    torch.testing.assert_close(v.float(), exp_squash_ref(s.double()).float(), atol=4e-3, rtol=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = torch.randn(4, 8) @ torch.randn(8, 16)
+        assert exp_squash(x).dtype == torch.bfloat16
+
+
+def test_exp_squash_gradcheck() -> None:
+    s = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(exp_squash, (s,))
+    assert gradcheck(lambda t: exp_squash(t, dim=0), (s,))
+    assert gradcheck(lambda t: exp_squash(t * 1e-3), (s,))
+
+
+def test_exp_squash_bad_input() -> None:
+    with pytest.raises(TypeError, match="exp_squash: s must be a real floating-point tensor"):
+        exp_squash(torch.ones(3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="exp_squash: s must be a torch.Tensor"):
+        exp_squash([1.0, 2.0])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"exp_squash: dim must be in \[-2, 1\].*\(3, 4\), got 2"):
+        exp_squash(torch.ones(3, 4), dim=2)
+    with pytest.raises(ValueError, match="exp_squash: eps must be > 0"):
+        exp_squash(torch.ones(3), eps=0.0)
+    with pytest.raises(ValueError, match="exp_squash: eps must be finite"):
+        exp_squash(torch.ones(3), eps=float("nan"))
+    with pytest.raises(ValueError, match=r"exp_squash: s must have at least 1 dimension"):
+        exp_squash(torch.tensor(1.0))
+    assert torchcaps.exp_squash is exp_squash
 
 
 # -- capsule_lengths ---------------------------------------------------------------------------

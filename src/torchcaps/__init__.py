@@ -12,23 +12,32 @@ from torchcaps import errors, functional, layers, models, routing, testing
 from torchcaps._version import __version__
 from torchcaps.decoders import MaskedDecoder
 from torchcaps.errors import ShapeError
-from torchcaps.functional import capsule_lengths, squash
+from torchcaps.functional import capsule_lengths, exp_squash, squash
 from torchcaps.layers import Conv2dCaps, DenseCaps
 from torchcaps.losses import MarginLoss, ReconstructionLoss
-from torchcaps.routing import DynamicRouting, Routing, resolve_routing
+from torchcaps.routing import (
+    DynamicRouting,
+    InvertedDotProductRouting,
+    Routing,
+    SelfAttentionRouting,
+    resolve_routing,
+)
 
 __all__ = [
     "Conv2dCaps",
     "DenseCaps",
     "DynamicRouting",
+    "InvertedDotProductRouting",
     "MarginLoss",
     "MaskedDecoder",
     "ReconstructionLoss",
     "Routing",
+    "SelfAttentionRouting",
     "ShapeError",
     "__version__",
     "capsule_lengths",
     "errors",
+    "exp_squash",
     "functional",
     "layers",
     "models",

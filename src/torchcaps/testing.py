@@ -40,7 +40,10 @@ def assert_routing_contract(
 
     1. ``routing(u_hat)`` returns ``v`` of shape ``(B, N_out, D)`` in ``u_hat``'s dtype, finite;
     2. ``routing(u_hat, return_coupling=True)`` returns ``(v, c)`` with the same ``v`` and
-       ``c`` of shape ``(B, N_in, N_out)``, non-negative, summing to 1 over the parents;
+       ``c`` of shape ``(B, N_in, N_out)``, non-negative and summing to 1 over the parents
+       (unless the routing declares ``couplings_sum_to_one = False``, e.g. for a learned prior
+       added after a softmax), and every output capsule is at
+       most of length 1 (unless it declares ``squashes_output = False``);
     3. the examples of a batch are routed independently (routing one example alone gives the
        same result as routing it inside the batch);
     4. gradients flow from ``v`` back to ``u_hat`` and are finite;
@@ -87,13 +90,21 @@ def assert_routing_contract(
         raise AssertionError(
             f"{name}: c must have shape {(batch, in_capsules, out_capsules)}, got {tuple(c.shape)}"
         )
-    if bool((c < -atol).any()):
-        raise AssertionError(f"{name}: coupling coefficients must be >= 0")
-    ones = torch.ones(batch, in_capsules, dtype=c.dtype, device=c.device)
-    if not torch.allclose(
-        c.sum(dim=-1), ones, atol=max(atol, 1e-3 if dtype != torch.float64 else atol)
-    ):
-        raise AssertionError(f"{name}: coupling coefficients must sum to 1 over the parents")
+    if getattr(routing, "couplings_sum_to_one", True):
+        if bool((c < -atol).any()):
+            raise AssertionError(f"{name}: coupling coefficients must be >= 0")
+        ones = torch.ones(batch, in_capsules, dtype=c.dtype, device=c.device)
+        if not torch.allclose(
+            c.sum(dim=-1), ones, atol=max(atol, 1e-3 if dtype != torch.float64 else atol)
+        ):
+            raise AssertionError(f"{name}: coupling coefficients must sum to 1 over the parents")
+    if getattr(routing, "squashes_output", True):
+        lengths = torch.linalg.vector_norm(v.detach().double(), dim=-1)
+        if bool((lengths > 1 + max(atol, 1e-6)).any()):
+            raise AssertionError(
+                f"{name}: output capsules must be shorter than 1 (squashed); a routing whose "
+                "outputs are not squashed declares squashes_output = False"
+            )
 
     for k in range(batch):
         v_k = routing(u_hat[k : k + 1])

@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 
 import torchcaps.routing
 from _strategies import BAD_INTS, RAISED, check_call
-from torchcaps import DynamicRouting, Routing, squash
+from torchcaps import (
+    DynamicRouting,
+    InvertedDotProductRouting,
+    Routing,
+    SelfAttentionRouting,
+    squash,
+)
 from torchcaps.routing import resolve_routing, routing_algorithms, routing_choices
 
 
@@ -44,7 +50,11 @@ def test_resolver_names(name: str) -> None:
 
 
 def test_resolver_errors() -> None:
-    with pytest.raises(ValueError, match=r"could not resolve routing 'em'; choices: \['dynamic'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"could not resolve routing 'em'; choices: "
+        r"\['dynamic', 'inverted_dot_product', 'self_attention'\]",
+    ):
         resolve_routing("em")
     with pytest.raises(TypeError, match="routing must be a Routing instance or a name"):
         resolve_routing(3)  # type: ignore[arg-type]
@@ -52,24 +62,28 @@ def test_resolver_errors() -> None:
     assert resolve_routing(inst) is inst
     with pytest.raises(ValueError, match="routing_kwargs"):
         resolve_routing(inst, iterations=2)
-    assert routing_choices() == ["dynamic"]
+    assert routing_choices() == ["dynamic", "inverted_dot_product", "self_attention"]
 
 
 def test_algorithms_are_the_exported_routing_subclasses() -> None:
     found = routing_algorithms()
-    assert found == {"dynamicrouting": DynamicRouting}
+    assert found == {
+        "dynamicrouting": DynamicRouting,
+        "inverteddotproductrouting": InvertedDotProductRouting,
+        "selfattentionrouting": SelfAttentionRouting,
+    }
     exported = {getattr(torchcaps.routing, name) for name in torchcaps.routing.__all__}
     assert set(found.values()) <= exported
     assert Routing not in found.values()  # the base class is not an algorithm
 
 
 def test_a_new_export_is_found_without_a_table(with_mean_routing: None) -> None:
-    assert routing_algorithms() == {"dynamicrouting": DynamicRouting, "meanrouting": MeanRouting}
-    assert routing_choices() == ["dynamic", "mean"]
+    assert routing_algorithms()["meanrouting"] is MeanRouting
+    assert routing_choices() == ["dynamic", "inverted_dot_product", "mean", "self_attention"]
     for name in ("mean", "MeanRouting", "mean_routing"):
         r = resolve_routing(name, scale=2.0)
         assert isinstance(r, MeanRouting) and r.scale == 2.0
-    with pytest.raises(ValueError, match=r"choices: \['dynamic', 'mean'\]"):
+    with pytest.raises(ValueError, match=r"choices: \['dynamic', 'inverted_dot_product', 'mean', "):
         resolve_routing("em")
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
+import torch
 from torch import Tensor, nn
 
-from torchcaps._checks import check_shape, check_tensor
+from torchcaps._checks import check_int, check_shape, check_tensor
 
 __all__ = ["Routing"]
 
@@ -43,6 +44,26 @@ class Routing(nn.Module):
         (torch.Size([2, 3, 4]), torch.Size([2, 6, 3]))
     """
 
+    #: Whether the coupling coefficients of every child are a distribution over the parents
+    #: (non-negative, summing to 1); not so when a routing adds a learned prior after its
+    #: softmax. :func:`~torchcaps.testing.assert_routing_contract` checks it only when true.
+    couplings_sum_to_one: bool = True
+    #: Whether every output capsule is shorter than 1 (squashed); false for routings that
+    #: normalise their outputs otherwise (e.g. with a layer norm).
+    #: :func:`~torchcaps.testing.assert_routing_contract` checks the lengths only when true.
+    squashes_output: bool = True
+
+    @classmethod
+    def contract_kwargs(cls, in_capsules: int, out_capsules: int, dim: int) -> dict[str, Any]:
+        """Constructor arguments that build this class for predictions of the given sizes.
+
+        The test suite builds every routing algorithm of :mod:`torchcaps.routing` with these
+        keyword arguments and checks it with :func:`~torchcaps.testing.assert_routing_contract`.
+        The default, no arguments, suits algorithms whose every argument has a default;
+        algorithms that need sizes (a learned ``out_dim``, say) override it.
+        """
+        return {}
+
     def check_input(self, u_hat: Tensor) -> None:
         """Validate the prediction vectors; raise :class:`ValueError`/:class:`TypeError`."""
         name = type(self).__name__
@@ -54,6 +75,38 @@ class Routing(nn.Module):
             owner=name,
             note=" with N_in, N_out, D_out >= 1",
         )
+
+    def _prior_parameter(
+        self,
+        learned_prior: tuple[int, int] | None,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> nn.Parameter | None:
+        """A learned ``(N_in, N_out)`` parameter (left uninitialised) for ``learned_prior``."""
+        if learned_prior is None:
+            return None
+        owner = type(self).__name__
+        if not isinstance(learned_prior, (tuple, list)) or len(learned_prior) != 2:
+            raise TypeError(
+                f"{owner}: learned_prior must be a pair (in_capsules, out_capsules) or None, "
+                f"got {learned_prior!r}"
+            )
+        n_in = check_int("learned_prior[0]", learned_prior[0], owner=owner)
+        n_out = check_int("learned_prior[1]", learned_prior[1], owner=owner)
+        return nn.Parameter(torch.empty(n_in, n_out, device=device, dtype=dtype))
+
+    def _check_prior_shape(self, u_hat: Tensor, prior: Tensor | None) -> None:
+        """With a learned prior, ``u_hat`` must have its ``(N_in, N_out)``."""
+        if prior is not None:
+            n_in, n_out = prior.shape
+            check_shape(
+                u_hat,
+                "B N_in N_out D_out",
+                name="u_hat",
+                owner=f"{type(self).__name__} with learned_prior={(n_in, n_out)}",
+                N_in=n_in,
+                N_out=n_out,
+            )
 
     def route(self, u_hat: Tensor) -> tuple[Tensor, Tensor]:
         """Run the algorithm on validated input; return ``(v, c)``."""

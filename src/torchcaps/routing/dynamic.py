@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from torchcaps._checks import check_float, check_int, check_shape, float32_compute, no_autocast
+from torchcaps._checks import check_float, check_int, float32_compute, no_autocast
 from torchcaps.functional import squash
 from torchcaps.routing.base import Routing
 
@@ -91,17 +91,7 @@ class DynamicRouting(Routing):
             )
         self.stop_gradient = stop_gradient
         self.eps = check_float("eps", eps, minimum=0.0, strict_min=True, owner="DynamicRouting")
-        if learned_prior is None:
-            self.register_parameter("log_prior", None)
-        else:
-            if not isinstance(learned_prior, (tuple, list)) or len(learned_prior) != 2:
-                raise TypeError(
-                    "DynamicRouting: learned_prior must be a pair (in_capsules, out_capsules) "
-                    f"or None, got {learned_prior!r}"
-                )
-            n_in = check_int("learned_prior[0]", learned_prior[0], owner="DynamicRouting")
-            n_out = check_int("learned_prior[1]", learned_prior[1], owner="DynamicRouting")
-            self.log_prior = nn.Parameter(torch.empty(n_in, n_out, device=device, dtype=dtype))
+        self.log_prior = self._prior_parameter(learned_prior, device, dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -119,16 +109,7 @@ class DynamicRouting(Routing):
 
     def check_input(self, u_hat: Tensor) -> None:
         super().check_input(u_hat)
-        if self.log_prior is not None:
-            n_in, n_out = self.log_prior.shape
-            check_shape(
-                u_hat,
-                "B N_in N_out D_out",
-                name="u_hat",
-                owner=f"DynamicRouting with learned_prior={(n_in, n_out)}",
-                N_in=n_in,
-                N_out=n_out,
-            )
+        self._check_prior_shape(u_hat, self.log_prior)
 
     def route(self, u_hat: Tensor) -> tuple[Tensor, Tensor]:
         x = float32_compute(u_hat)

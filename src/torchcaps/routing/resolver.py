@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
@@ -35,8 +36,18 @@ def routing_algorithms() -> dict[str, type[Routing]]:
 
 
 def routing_choices() -> list[str]:
-    """The names :func:`resolve_routing` accepts (without the ``Routing`` suffix)."""
-    return sorted(key.removesuffix("routing") for key in routing_algorithms())
+    """The names :func:`resolve_routing` accepts: class names without ``Routing``, snake_case.
+
+    Examples:
+        >>> from torchcaps.routing import routing_choices
+        >>> routing_choices()
+        ['dynamic', 'inverted_dot_product', 'self_attention']
+    """
+    names = (
+        re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
+        for cls in routing_algorithms().values()
+    )
+    return sorted(name.removesuffix("_routing") for name in names)
 
 
 def resolve_routing(routing: str | Routing, **kwargs: Any) -> Routing:
