@@ -26,7 +26,7 @@ from _strategies import (
     real_tensors,
 )
 from reference import squash_ref
-from torchcaps import Conv2dCaps
+from torchcaps import Conv2dCaps, exp_squash, squash
 from torchcaps.layers._tap_matmul import MIN_CHANNELS, MIN_TAPS, tap_matmul_conv2d
 
 
@@ -363,3 +363,55 @@ def test_gap_dtype_mismatch_is_a_type_error() -> None:
 def test_gap_conv2d_caps_zero_spatial_size() -> None:
     with pytest.raises(ValueError, match="input"):
         Conv2dCaps(1, 1, 2, kernel_size=1, padding=1)(torch.rand(1, 1, 0, 3))
+
+
+# -- groups and squash ---------------------------------------------------------------------------
+def test_depthwise_primary_capsules_of_efficient_capsnet() -> None:
+    layer = Conv2dCaps(128, 16, 8, kernel_size=9, groups=128, squash=exp_squash)
+    assert sum(p.numel() for p in layer.parameters()) == 128 * 81 + 128  # 10,496
+    x = torch.randn(2, 128, 9, 9)
+    u = layer(x)
+    assert u.shape == (2, 16, 1, 1, 8)
+    # channel c of the output sees only input channel c; capsule n holds channels 8n..8n+7
+    conv = torch.nn.functional.conv2d(x, layer.conv.weight, layer.conv.bias, groups=128)
+    expected = exp_squash(conv.view(2, 16, 8, 1, 1).permute(0, 1, 3, 4, 2), dim=-1)
+    torch.testing.assert_close(u, expected)
+    assert "groups=128" in layer.extra_repr() and "squash=exp_squash" in layer.extra_repr()
+
+
+@pytest.mark.parametrize("conv_impl", ["auto", "native"])
+def test_groups_match_a_grouped_convolution(conv_impl: str) -> None:
+    layer = Conv2dCaps(8, 4, 3, kernel_size=3, stride=2, padding=1, groups=2, conv_impl=conv_impl)
+    x = torch.randn(3, 8, 7, 7, dtype=torch.float32)
+    y = torch.nn.functional.conv2d(
+        x, layer.conv.weight, layer.conv.bias, stride=2, padding=1, groups=2
+    )
+    expected = squash(y.view(3, 4, 3, 4, 4).permute(0, 1, 3, 4, 2), dim=-1)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_custom_squash_is_called_on_the_capsule_dimension() -> None:
+    seen: list[int] = []
+
+    def halve(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        seen.append(s.shape[dim])
+        return s / 2
+
+    layer = Conv2dCaps(4, 3, 5, kernel_size=3, squash=halve)
+    x = torch.randn(2, 4, 6, 6)
+    raw = layer.conv(x).view(2, 3, 5, 4, 4).permute(0, 1, 3, 4, 2)
+    torch.testing.assert_close(layer(x), raw / 2)
+    assert seen == [5]
+
+
+def test_bad_groups_and_squash() -> None:
+    with pytest.raises(ValueError, match=r"Conv2dCaps: groups=3 must divide in_channels=8"):
+        Conv2dCaps(8, 4, 3, kernel_size=3, groups=3)
+    with pytest.raises(ValueError, match=r"Conv2dCaps: groups must be >= 1, got 0"):
+        Conv2dCaps(8, 4, 2, kernel_size=3, groups=0)
+    with pytest.raises(TypeError, match=r"Conv2dCaps: groups must be an int"):
+        Conv2dCaps(8, 4, 2, kernel_size=3, groups=2.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"conv_impl='matmul' needs groups=1, got groups=2"):
+        Conv2dCaps(8, 4, 2, kernel_size=3, groups=2, conv_impl="matmul")
+    with pytest.raises(TypeError, match=r"Conv2dCaps: squash must be a callable, got str"):
+        Conv2dCaps(8, 4, 2, kernel_size=3, squash="exp")  # type: ignore[arg-type]

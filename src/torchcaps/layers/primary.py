@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -48,7 +49,9 @@ class Conv2dCaps(nn.Module):
 
     The input is either a feature map or a capsule grid from a previous capsule layer, whose
     ``N`` capsules of ``D`` dimensions are read as ``N * D`` channels in the same order.
-    The paper's PrimaryCaps is ``Conv2dCaps(256, 32, 8, kernel_size=9, stride=2)``.
+    The paper's PrimaryCaps is ``Conv2dCaps(256, 32, 8, kernel_size=9, stride=2)``;
+    Efficient-CapsNet's is depthwise, ``Conv2dCaps(128, 16, 8, kernel_size=9, groups=128,
+    squash=exp_squash)``. There is no routing here; :class:`DenseCaps` is the routed layer.
 
     Args:
         in_channels: input channels ``C`` (or ``N * D`` for a capsule grid).
@@ -58,6 +61,12 @@ class Conv2dCaps(nn.Module):
         stride: convolution stride.
         padding: zero padding on each side.
         bias: whether the convolution has a bias (the paper's does).
+        groups: groups of the convolution, as for :class:`torch.nn.Conv2d` (``in_channels``
+            for a depthwise convolution); both ``in_channels`` and ``out_capsules *
+            capsule_dim`` must be divisible by it.
+        squash: the non-linearity applied to each capsule vector, a callable ``f(s, dim=-1)``:
+            :func:`~torchcaps.functional.squash` (default) or
+            :func:`~torchcaps.functional.exp_squash`.
         conv_impl: how the convolution is computed; the result is the same up to float
             rounding. ``"native"``: :class:`torch.nn.Conv2d` (oneDNN, cuDNN, ...).
             ``"matmul"``: one matrix product per kernel tap over the channels-last input, in
@@ -65,6 +74,7 @@ class Conv2dCaps(nn.Module):
             it is faster (eager float32 on CPU, wide layers with large kernels such as the
             paper's PrimaryCaps), ``"native"`` otherwise; the rule and its measurements are on
             the :doc:`Performance </performance>` page. Double backward works with every choice.
+            ``"matmul"`` needs ``groups=1``.
         device: device of the parameters.
         dtype: dtype of the parameters.
 
@@ -96,6 +106,8 @@ class Conv2dCaps(nn.Module):
         *,
         bias: bool = True,
         conv_impl: Literal["auto", "native", "matmul"] = "auto",
+        groups: int = 1,
+        squash: Callable[..., Tensor] = squash,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -113,12 +125,25 @@ class Conv2dCaps(nn.Module):
         self.kernel_size = _pair("kernel_size", kernel_size, minimum=1, owner=owner)
         self.stride = _pair("stride", stride, minimum=1, owner=owner)
         self.padding = _pair("padding", padding, minimum=0, owner=owner)
+        self.groups = check_int("groups", groups, owner=owner)
+        channels = self.out_capsules * self.capsule_dim
+        if self.in_channels % self.groups or channels % self.groups:
+            raise ValueError(
+                f"{owner}: groups={self.groups} must divide in_channels={self.in_channels} and "
+                f"out_capsules * capsule_dim={channels}"
+            )
+        if conv_impl == "matmul" and self.groups != 1:
+            raise ValueError(f"{owner}: conv_impl='matmul' needs groups=1, got groups={groups}")
+        if not callable(squash):
+            raise TypeError(f"{owner}: squash must be a callable, got {type(squash).__name__}")
+        self.squash = squash
         self.conv = nn.Conv2d(
             in_channels,
-            out_capsules * capsule_dim,
+            channels,
             self.kernel_size,
             stride=self.stride,
             padding=self.padding,
+            groups=self.groups,
             bias=bias,
             device=device,
             dtype=dtype,
@@ -134,6 +159,12 @@ class Conv2dCaps(nn.Module):
             f"capsule_dim={self.capsule_dim}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}"
             + (f", conv_impl={self.conv_impl!r}" if self.conv_impl != "auto" else "")
+            + (f", groups={self.groups}" if self.groups != 1 else "")
+            + (
+                f", squash={getattr(self.squash, '__name__', self.squash)}"
+                if self.squash is not squash
+                else ""
+            )
         )
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
@@ -181,10 +212,12 @@ class Conv2dCaps(nn.Module):
             )
         conv = self.conv
         if self.conv_impl == "matmul" or (
-            self.conv_impl == "auto" and auto_prefers_tap_matmul(x, conv.weight)
+            self.conv_impl == "auto"
+            and self.groups == 1
+            and auto_prefers_tap_matmul(x, conv.weight)
         ):
             y = tap_matmul_conv2d(x, conv.weight, conv.bias, self.stride, self.padding)
         else:
             y = conv(x)  # (B, N*D, H', W'), any memory format
         y = y.unflatten(1, (self.out_capsules, self.capsule_dim)).permute(0, 1, 3, 4, 2)
-        return squash(y, dim=-1)
+        return self.squash(y, dim=-1)

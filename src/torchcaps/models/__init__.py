@@ -20,11 +20,14 @@ from torchcaps.models._api import (
     register_model,
 )
 from torchcaps.models.capsnet import CapsNet, capsnet_mnist
+from torchcaps.models.efficient_capsnet import EfficientCapsNet, efficient_capsnet_mnist
 
 __all__ = [
     "CapsNet",
     "CapsuleOutput",
+    "EfficientCapsNet",
     "capsnet_mnist",
+    "efficient_capsnet_mnist",
     "get_model",
     "get_model_builder",
     "list_models",
