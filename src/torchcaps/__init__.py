@@ -13,7 +13,7 @@ from torchcaps._version import __version__
 from torchcaps.decoders import MaskedDecoder
 from torchcaps.errors import ShapeError
 from torchcaps.functional import capsule_lengths, exp_squash, squash
-from torchcaps.layers import Conv2dCaps, DenseCaps
+from torchcaps.layers import Conv2dCaps, ConvCaps2d, DenseCaps
 from torchcaps.losses import MarginLoss, ReconstructionLoss
 from torchcaps.routing import (
     DynamicRouting,
@@ -25,6 +25,7 @@ from torchcaps.routing import (
 
 __all__ = [
     "Conv2dCaps",
+    "ConvCaps2d",
     "DenseCaps",
     "DynamicRouting",
     "InvertedDotProductRouting",

@@ -66,6 +66,22 @@ def check_int(name: str, value: Any, *, minimum: int = 1, owner: str = "") -> in
     return value
 
 
+IntPair = int | tuple[int, int]
+
+
+def check_pair(name: str, value: Any, *, minimum: int, owner: str) -> tuple[int, int]:
+    """Check an int or a pair of ints (a kernel size, stride, padding); return the pair."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{owner}: {name} must be an int or a pair of ints, got {value!r}")
+        return (
+            check_int(f"{name}[0]", value[0], minimum=minimum, owner=owner),
+            check_int(f"{name}[1]", value[1], minimum=minimum, owner=owner),
+        )
+    v = check_int(name, value, minimum=minimum, owner=owner)
+    return (v, v)
+
+
 def check_float(
     name: str,
     value: Any,

@@ -12,12 +12,11 @@ from torchcaps._checks import (
     autocast_dtype_out,
     check_int,
     check_tensor,
-    float32_compute,
     in_graph_capture,
-    no_autocast,
     shape_str,
 )
 from torchcaps.errors import ShapeError
+from torchcaps.layers._common import predictions
 from torchcaps.routing import Routing, resolve_routing
 
 __all__ = ["DenseCaps"]
@@ -142,16 +141,7 @@ class DenseCaps(nn.Module):
 
     def _predict(self, u: Tensor) -> Tensor:
         """:meth:`predictions` of an already checked ``(B, N_in, D_in)`` input."""
-        batch = u.shape[0]
-        with no_autocast(u.device):
-            u32 = float32_compute(u)
-            w = self.weight.to(u32.dtype) if self.weight.dtype != u32.dtype else self.weight
-            # (N_in, B, D_in) @ (N_in, D_in, N_out*D_out) -> (N_in, B, N_out*D_out)
-            pred = torch.bmm(u32.transpose(0, 1), w)
-            pred = pred.view(self.in_capsules, batch, self.out_capsules, self.out_dim)
-            # -> memory layout (B, N_out, N_in, D_out), returned as a (B, N_in, N_out, D_out) view.
-            pred = pred.permute(1, 2, 0, 3).contiguous().transpose(1, 2)
-        return pred
+        return predictions(u, self.weight, self.out_capsules, self.out_dim)
 
     def _flatten_input(self, x: Tensor) -> Tensor:
         owner = "DenseCaps"

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from torchcaps._checks import (
+    IntPair,
     check_int,
+    check_pair,
     check_param_dtype,
     check_shape,
     check_tensor,
@@ -17,24 +19,12 @@ from torchcaps._checks import (
 )
 from torchcaps.errors import ShapeError
 from torchcaps.functional import squash
+from torchcaps.layers._common import output_size
 from torchcaps.layers._tap_matmul import auto_prefers_tap_matmul, tap_matmul_conv2d
 
 __all__ = ["Conv2dCaps"]
 
-_IntPair = int | tuple[int, int]
 _CONV_IMPLS = ("auto", "native", "matmul")
-
-
-def _pair(name: str, value: Any, *, minimum: int, owner: str) -> tuple[int, int]:
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"{owner}: {name} must be an int or a pair of ints, got {value!r}")
-        return (
-            check_int(f"{name}[0]", value[0], minimum=minimum, owner=owner),
-            check_int(f"{name}[1]", value[1], minimum=minimum, owner=owner),
-        )
-    v = check_int(name, value, minimum=minimum, owner=owner)
-    return (v, v)
 
 
 class Conv2dCaps(nn.Module):
@@ -100,9 +90,9 @@ class Conv2dCaps(nn.Module):
         in_channels: int,
         out_capsules: int,
         capsule_dim: int,
-        kernel_size: _IntPair,
-        stride: _IntPair = 1,
-        padding: _IntPair = 0,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
         *,
         bias: bool = True,
         conv_impl: Literal["auto", "native", "matmul"] = "auto",
@@ -122,9 +112,9 @@ class Conv2dCaps(nn.Module):
         self.in_channels = check_int("in_channels", in_channels, owner=owner)
         self.out_capsules = check_int("out_capsules", out_capsules, owner=owner)
         self.capsule_dim = check_int("capsule_dim", capsule_dim, owner=owner)
-        self.kernel_size = _pair("kernel_size", kernel_size, minimum=1, owner=owner)
-        self.stride = _pair("stride", stride, minimum=1, owner=owner)
-        self.padding = _pair("padding", padding, minimum=0, owner=owner)
+        self.kernel_size = check_pair("kernel_size", kernel_size, minimum=1, owner=owner)
+        self.stride = check_pair("stride", stride, minimum=1, owner=owner)
+        self.padding = check_pair("padding", padding, minimum=0, owner=owner)
         self.groups = check_int("groups", groups, owner=owner)
         channels = self.out_capsules * self.capsule_dim
         if self.in_channels % self.groups or channels % self.groups:
@@ -169,10 +159,7 @@ class Conv2dCaps(nn.Module):
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """Spatial size :math:`(H', W')` of the output grid for an input of ``height x width``."""
-        out = []
-        for size, k, s, p in zip((height, width), self.kernel_size, self.stride, self.padding):
-            out.append((size + 2 * p - k) // s + 1)
-        return out[0], out[1]
+        return output_size(height, width, self.kernel_size, self.stride, self.padding)
 
     def forward(self, x: Tensor) -> Tensor:
         """Convolve, group channels into capsules and squash them."""

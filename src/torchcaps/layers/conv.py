@@ -1,0 +1,205 @@
+"""Routed convolutional capsules: :class:`ConvCaps2d`, from one capsule grid to the next."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, overload
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchcaps._checks import (
+    IntPair,
+    autocast_dtype_out,
+    check_int,
+    check_pair,
+    check_shape,
+    check_tensor,
+    shape_str,
+)
+from torchcaps.errors import ShapeError
+from torchcaps.layers._common import output_size, predictions
+from torchcaps.routing import Routing, resolve_routing
+
+__all__ = ["ConvCaps2d"]
+
+# Float32 predictions routed at once at most (rows = examples x output positions): a 32x32
+# grid of a wide layer is routed in several chunks instead of one tensor of all positions.
+CHUNK_BYTES = 64 * 1024 * 1024
+
+
+class ConvCaps2d(nn.Module):
+    r"""Convolutional capsules with routing: a capsule grid to a capsule grid (ConvCaps).
+
+    The children of the output position :math:`(h, w)` are the :math:`k_H k_W N_{in}` input
+    capsules of its window (padding adds zero capsules), ordered (kernel row, kernel column,
+    capsule type). Each (kernel position, input type :math:`n`, output type :math:`j`) has its
+    own :math:`D_{out} \times D_{in}` matrix, shared over positions:
+
+    .. math::
+        \hat{u}_{(k_y, k_x, n) \to j}(h, w) = W_{k_y, k_x, n, j}\,
+        u_n(h s_H + k_y - p_H,\; w s_W + k_x - p_W),
+
+    and ``routing`` turns the predictions of each output position into its :math:`N_{out}`
+    capsules, independently at every position (the positions are folded into the batch of the
+    :class:`~torchcaps.routing.Routing` contract, so every routing plugs in, your own too). The
+    output grid has the size of :class:`torch.nn.Conv2d`'s. Unlike :class:`Conv2dCaps` (primary
+    capsules: a convolution whose channels are grouped into capsules, no routing), this layer
+    routes. Predictions are routed in chunks of at most 64 MiB (float32), so large grids never
+    hold every position's predictions at once; the result is the same.
+
+    Args:
+        in_capsules: capsule types :math:`N_{in}` per input position.
+        in_dim: dimension :math:`D_{in}` of an input capsule.
+        out_capsules: capsule types :math:`N_{out}` per output position.
+        out_dim: dimension :math:`D_{out}` of an output capsule.
+        kernel_size: window size :math:`(k_H, k_W)`.
+        stride: stride :math:`(s_H, s_W)`.
+        padding: zero capsules added on each side :math:`(p_H, p_W)`.
+        routing: a :class:`~torchcaps.routing.Routing` instance or a name (``"dynamic"``).
+        routing_kwargs: constructor arguments when ``routing`` is a name.
+        device: device of the parameters.
+        dtype: dtype of the parameters.
+
+    Shape:
+        - inp: :math:`(B, N_{in}, H, W, D_{in})`.
+        - Output: :math:`(B, N_{out}, H', W', D_{out})`; with ``return_coupling=True`` also the
+          coupling coefficients :math:`(B, H', W', k_H k_W N_{in}, N_{out})`.
+
+    Examples:
+        >>> import torch
+        >>> from torchcaps import ConvCaps2d
+        >>> layer = ConvCaps2d(8, 16, 4, 16, kernel_size=3, stride=2, padding=1)
+        >>> layer(torch.randn(2, 8, 10, 10, 16)).shape
+        torch.Size([2, 4, 5, 5, 16])
+        >>> v, c = layer(torch.randn(2, 8, 10, 10, 16), return_coupling=True)
+        >>> c.shape  # 3 * 3 * 8 children per output position
+        torch.Size([2, 5, 5, 72, 4])
+    """
+
+    def __init__(
+        self,
+        in_capsules: int,
+        in_dim: int,
+        out_capsules: int,
+        out_dim: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        routing: str | Routing = "dynamic",
+        routing_kwargs: dict[str, Any] | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        owner = "ConvCaps2d"
+        self.in_capsules = check_int("in_capsules", in_capsules, owner=owner)
+        self.in_dim = check_int("in_dim", in_dim, owner=owner)
+        self.out_capsules = check_int("out_capsules", out_capsules, owner=owner)
+        self.out_dim = check_int("out_dim", out_dim, owner=owner)
+        self.kernel_size = check_pair("kernel_size", kernel_size, minimum=1, owner=owner)
+        self.stride = check_pair("stride", stride, minimum=1, owner=owner)
+        self.padding = check_pair("padding", padding, minimum=0, owner=owner)
+        if routing_kwargs is not None and not isinstance(routing_kwargs, dict):
+            raise TypeError(
+                f"{owner}: routing_kwargs must be a dict or None, "
+                f"got {type(routing_kwargs).__name__}"
+            )
+        self.routing = resolve_routing(routing, **(routing_kwargs or {}))
+        kh, kw = self.kernel_size
+        # Stored as (kH*kW*N_in, D_in, N_out*D_out): one batched matmul over the children.
+        self.weight = nn.Parameter(
+            torch.empty(
+                kh * kw * in_capsules, in_dim, out_capsules * out_dim, device=device, dtype=dtype
+            )
+        )
+        self.reset_parameters()
+
+    @property
+    def window_capsules(self) -> int:
+        """Children per output position, :math:`k_H k_W N_{in}`."""
+        return self.kernel_size[0] * self.kernel_size[1] * self.in_capsules
+
+    def reset_parameters(self) -> None:
+        r"""Draw the weights from :math:`\mathcal{N}(0, 0.01^2)`, as :class:`DenseCaps` does."""
+        nn.init.normal_(self.weight, mean=0.0, std=0.01)
+
+    @property
+    def weight_matrices(self) -> Tensor:
+        r"""The weights as matrices of shape ``(kH, kW, N_in, N_out, D_out, D_in)``.
+
+        A view of the parameter: writing into it (under ``torch.no_grad()``) sets the weights.
+        """
+        kh, kw = self.kernel_size
+        w = self.weight.view(kh, kw, self.in_capsules, self.in_dim, self.out_capsules, self.out_dim)
+        return w.permute(0, 1, 2, 4, 5, 3)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_capsules={self.in_capsules}, in_dim={self.in_dim}, "
+            f"out_capsules={self.out_capsules}, out_dim={self.out_dim}, "
+            f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+        )
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """Spatial size :math:`(H', W')` of the output grid for an input of ``height x width``."""
+        return output_size(height, width, self.kernel_size, self.stride, self.padding)
+
+    def _windows(self, inp: Tensor) -> Tensor:
+        """The children of every output position: ``(B * H' * W', kH * kW * N_in, D_in)``."""
+        b = inp.shape[0]
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        x = F.pad(inp, (0, 0, pw, pw, ph, ph))  # zero capsules around the grid
+        x = x.unfold(2, kh, sh).unfold(3, kw, sw)  # (B, N, H', W', D, kH, kW)
+        h_out, w_out = x.shape[2], x.shape[3]
+        x = x.permute(0, 2, 3, 5, 6, 1, 4)  # (B, H', W', kH, kW, N, D)
+        return x.reshape(b * h_out * w_out, self.window_capsules, self.in_dim)
+
+    def _predict(self, u: Tensor) -> Tensor:
+        """Predictions ``(rows, K, N_out, D_out)`` of children ``u`` ``(rows, K, D_in)``."""
+        return predictions(u, self.weight, self.out_capsules, self.out_dim)
+
+    @overload
+    def forward(self, inp: Tensor, return_coupling: Literal[False] = ...) -> Tensor: ...
+
+    @overload
+    def forward(self, inp: Tensor, return_coupling: Literal[True]) -> tuple[Tensor, Tensor]: ...
+
+    def forward(self, inp: Tensor, return_coupling: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Gather each output position's window, predict, route."""
+        owner = "ConvCaps2d"
+        check_tensor("inp", inp, owner=owner)
+        check_shape(
+            inp,
+            "B N H W D",
+            name="inp",
+            owner=owner,
+            empty_ok=("B", "H", "W"),
+            N=self.in_capsules,
+            D=self.in_dim,
+        )
+        h_out, w_out = self.output_size(inp.shape[2], inp.shape[3])
+        if h_out < 1 or w_out < 1:
+            raise ShapeError(
+                f"{owner}: input grid {inp.shape[2]}x{inp.shape[3]} is smaller than the kernel "
+                f"{self.kernel_size} (padding {self.padding}); got inp {shape_str(inp.shape)}"
+            )
+        out_dtype = autocast_dtype_out(inp)
+        b = inp.shape[0]
+        u = self._windows(inp)
+        per_row = self.window_capsules * self.out_capsules * self.out_dim * 4
+        rows = max(1, CHUNK_BYTES // per_row)
+        parts = [u] if rows >= u.shape[0] else list(u.split(rows))
+        vs, cs = [], []
+        for part in parts:
+            v_part, c_part = self.routing(self._predict(part), return_coupling=True)
+            vs.append(v_part)
+            cs.append(c_part)
+        v = vs[0] if len(vs) == 1 else torch.cat(vs)
+        v = v.view(b, h_out, w_out, self.out_capsules, self.out_dim).permute(0, 3, 1, 2, 4)
+        v = v.to(out_dtype)
+        if not return_coupling:
+            return v
+        c = cs[0] if len(cs) == 1 else torch.cat(cs)
+        return v, c.view(b, h_out, w_out, self.window_capsules, self.out_capsules)
