@@ -230,7 +230,7 @@ def assert_model_contract(
                     f"{name}: without a target the decoder must be masked by the prediction"
                 )
         if check_compile:
-            torch._dynamo.reset()
+            torch.compiler.reset()
             compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
             got = _fields(compiled(x), name)
             _assert_close(name, "torch.compile", ref, got)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -37,3 +39,28 @@ def output_size(
     h = (height + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
     w = (width + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
     return h, w
+
+
+def route_in_chunks(
+    layer: Any, u: Tensor, rows: int, return_coupling: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Predict (``layer._predict``) and route (``layer.routing``) ``rows`` rows at a time.
+
+    ``u`` is (rows, N_in, D_in); returns ``(v, c)``, ``c`` only with ``return_coupling``.
+    Routing treats rows independently, so the chunks give the result of one pass while each
+    chunk's predictions stay small (in cache, or within a memory budget).
+    """
+    parts = [u] if rows >= u.shape[0] else list(u.split(rows))
+    vs, cs = [], []
+    for part in parts:
+        u_hat = layer._predict(part)
+        if return_coupling:
+            v, c = layer.routing(u_hat, return_coupling=True)
+            cs.append(c)
+        else:
+            v = layer.routing(u_hat)
+        vs.append(v)
+    v = vs[0] if len(vs) == 1 else torch.cat(vs)
+    if not return_coupling:
+        return v, None
+    return v, (cs[0] if len(cs) == 1 else torch.cat(cs))

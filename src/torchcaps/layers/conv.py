@@ -18,7 +18,7 @@ from torchcaps._checks import (
     shape_str,
 )
 from torchcaps.errors import ShapeError
-from torchcaps.layers._common import output_size, predictions
+from torchcaps.layers._common import output_size, predictions, route_in_chunks
 from torchcaps.routing import Routing, resolve_routing
 
 __all__ = ["ConvCaps2d"]
@@ -190,16 +190,9 @@ class ConvCaps2d(nn.Module):
         u = self._windows(inp)
         per_row = self.window_capsules * self.out_capsules * self.out_dim * 4
         rows = max(1, CHUNK_BYTES // per_row)
-        parts = [u] if rows >= u.shape[0] else list(u.split(rows))
-        vs, cs = [], []
-        for part in parts:
-            v_part, c_part = self.routing(self._predict(part), return_coupling=True)
-            vs.append(v_part)
-            cs.append(c_part)
-        v = vs[0] if len(vs) == 1 else torch.cat(vs)
+        v, c = route_in_chunks(self, u, rows, return_coupling)
         v = v.view(b, h_out, w_out, self.out_capsules, self.out_dim).permute(0, 3, 1, 2, 4)
         v = v.to(out_dtype)
-        if not return_coupling:
+        if c is None:
             return v
-        c = cs[0] if len(cs) == 1 else torch.cat(cs)
         return v, c.view(b, h_out, w_out, self.window_capsules, self.out_capsules)

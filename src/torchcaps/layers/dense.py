@@ -16,7 +16,7 @@ from torchcaps._checks import (
     shape_str,
 )
 from torchcaps.errors import ShapeError
-from torchcaps.layers._common import predictions
+from torchcaps.layers._common import predictions, route_in_chunks
 from torchcaps.routing import Routing, resolve_routing
 
 __all__ = ["DenseCaps"]
@@ -170,20 +170,9 @@ class DenseCaps(nn.Module):
         check_tensor("input", x, owner="DenseCaps")
         out_dtype = autocast_dtype_out(x)
         u = self._flatten_input(x)
-        chunk = self._chunk_size(u)
-        parts = [u] if chunk >= u.shape[0] else list(u.split(chunk))
-        vs, cs = [], []
-        for part in parts:
-            u_hat = self._predict(part)
-            if return_coupling:
-                v, c = self.routing(u_hat, return_coupling=True)
-                cs.append(c)
-            else:
-                v = self.routing(u_hat)
-            vs.append(v)
-        v = vs[0] if len(vs) == 1 else torch.cat(vs)
-        if return_coupling:
-            return v.to(out_dtype), (cs[0] if len(cs) == 1 else torch.cat(cs))
+        v, c = route_in_chunks(self, u, self._chunk_size(u), return_coupling)
+        if c is not None:
+            return v.to(out_dtype), c
         return v.to(out_dtype)
 
     def _chunk_size(self, u: Tensor) -> int:
