@@ -182,7 +182,7 @@ def test_exp_squash_properties(rows: int, dim: int, scale: float, seed: int) -> 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("scale", [0.0, 1e-40, 1e-30, 1e-8, 1.0, 1e4, 1e18, 1e30, 1e36])
+@pytest.mark.parametrize("scale", [0.0, 1e-40, 1e-30, 1e-8, 1.0, 1e4, 1e18, 1e30, 1e36, 1e37])
 def test_exp_squash_finite_values_and_gradients(dtype: torch.dtype, scale: float) -> None:
     s = (torch.randn(3, 8, dtype=dtype) * scale).requires_grad_(True)
     v = exp_squash(s)

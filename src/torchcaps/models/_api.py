@@ -4,10 +4,12 @@ Builders register under a name with :func:`register_model`; :func:`get_model` bu
 and :func:`list_models` lists the names, as in ``torchvision.models``.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from torch import Tensor, nn
+
+from torchcaps._checks import check_int, check_shape, check_tensor
 
 __all__ = ["CapsuleOutput", "get_model", "get_model_builder", "list_models", "register_model"]
 
@@ -115,3 +117,24 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
         6804224
     """
     return get_model_builder(name)(**kwargs)
+
+
+def check_image_model_args(
+    owner: str, in_shape: Any, num_classes: Any, reconstruction: Any
+) -> tuple[tuple[int, int, int], int]:
+    """Validate the arguments every image model takes; return ``(in_shape, num_classes)``."""
+    if not isinstance(in_shape, Sequence) or len(in_shape) != 3:
+        raise TypeError(f"{owner}: in_shape must be a triple (C, H, W), got {in_shape!r}")
+    c, h, w = (check_int(f"in_shape[{i}]", s, owner=owner) for i, s in enumerate(in_shape))
+    if not isinstance(reconstruction, bool):
+        raise TypeError(
+            f"{owner}: reconstruction must be a bool, got {type(reconstruction).__name__}"
+        )
+    return (c, h, w), check_int("num_classes", num_classes, owner=owner)
+
+
+def check_images(x: Any, in_shape: tuple[int, int, int], owner: str) -> None:
+    """``x`` must be a float batch of images of ``in_shape``."""
+    check_tensor("x", x, owner=owner)
+    c, h, w = in_shape
+    check_shape(x, "B C H W", name="x", owner=owner, C=c, H=h, W=w)

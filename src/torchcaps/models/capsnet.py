@@ -8,11 +8,16 @@ from typing import Any, Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchcaps._checks import check_int, check_shape, check_tensor
+from torchcaps._checks import check_int
 from torchcaps.decoders import MaskedDecoder
 from torchcaps.functional import capsule_lengths
 from torchcaps.layers import Conv2dCaps, DenseCaps
-from torchcaps.models._api import CapsuleOutput, register_model
+from torchcaps.models._api import (
+    CapsuleOutput,
+    check_image_model_args,
+    check_images,
+    register_model,
+)
 from torchcaps.routing import DynamicRouting
 
 __all__ = ["CapsNet", "capsnet_mnist"]
@@ -95,12 +100,9 @@ class CapsNet(nn.Module):
     ) -> None:
         super().__init__()
         owner = "CapsNet"
-        if not isinstance(in_shape, Sequence) or len(in_shape) != 3:
-            raise TypeError(f"{owner}: in_shape must be a triple (C, H, W), got {in_shape!r}")
-        self.in_shape = tuple(
-            check_int(f"in_shape[{i}]", s, owner=owner) for i, s in enumerate(in_shape)
+        self.in_shape, self.num_classes = check_image_model_args(
+            owner, in_shape, num_classes, reconstruction
         )
-        self.num_classes = check_int("num_classes", num_classes, owner=owner)
         sizes = {
             "conv_channels": conv_channels,
             "conv_kernel": conv_kernel,
@@ -113,10 +115,6 @@ class CapsNet(nn.Module):
         }
         for key, value in sizes.items():  # named here, not by the layer that receives them
             check_int(key, value, owner=owner)
-        if not isinstance(reconstruction, bool):
-            raise TypeError(
-                f"{owner}: reconstruction must be a bool, got {type(reconstruction).__name__}"
-            )
         channels, height, width = self.in_shape
         self.conv1 = nn.Conv2d(channels, conv_channels, kernel_size=conv_kernel)
         self.primary = Conv2dCaps(
@@ -150,9 +148,7 @@ class CapsNet(nn.Module):
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> CapsuleOutput:
         """Class scores, class capsules and (with the decoder) the reconstruction."""
-        check_tensor("x", x, owner="CapsNet")
-        c, h, w = self.in_shape
-        check_shape(x, "B C H W", name="x", owner="CapsNet", C=c, H=h, W=w)
+        check_images(x, self.in_shape, "CapsNet")
         v = self.digits(self.primary(F.relu(self.conv1(x))))
         recon = self.decoder(v, target) if self.decoder is not None else None
         return CapsuleOutput(capsule_lengths(v), v, recon)

@@ -9,11 +9,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torchcaps._checks import check_int, check_shape, check_tensor
 from torchcaps.decoders import MaskedDecoder
 from torchcaps.functional import capsule_lengths, exp_squash
 from torchcaps.layers import Conv2dCaps, DenseCaps
-from torchcaps.models._api import CapsuleOutput, register_model
+from torchcaps.models._api import (
+    CapsuleOutput,
+    check_image_model_args,
+    check_images,
+    register_model,
+)
 from torchcaps.routing import SelfAttentionRouting
 
 __all__ = ["EfficientCapsNet", "efficient_capsnet_mnist"]
@@ -88,16 +92,9 @@ class EfficientCapsNet(nn.Module):
     ) -> None:
         super().__init__()
         owner = "EfficientCapsNet"
-        if not isinstance(in_shape, Sequence) or len(in_shape) != 3:
-            raise TypeError(f"{owner}: in_shape must be a triple (C, H, W), got {in_shape!r}")
-        self.in_shape = tuple(
-            check_int(f"in_shape[{i}]", s, owner=owner) for i, s in enumerate(in_shape)
+        self.in_shape, self.num_classes = check_image_model_args(
+            owner, in_shape, num_classes, reconstruction
         )
-        self.num_classes = check_int("num_classes", num_classes, owner=owner)
-        if not isinstance(reconstruction, bool):
-            raise TypeError(
-                f"{owner}: reconstruction must be a bool, got {type(reconstruction).__name__}"
-            )
         channels, height, width = self.in_shape
         grid_h, grid_w = (height - 8 - 3) // 2 + 1, (width - 8 - 3) // 2 + 1
         if min(height, width) < 11 or grid_h != grid_w:
@@ -152,9 +149,7 @@ class EfficientCapsNet(nn.Module):
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> CapsuleOutput:
         """Class scores, class capsules and (with the decoder) the reconstruction."""
-        check_tensor("x", x, owner="EfficientCapsNet")
-        c, h, w = self.in_shape
-        check_shape(x, "B C H W", name="x", owner="EfficientCapsNet", C=c, H=h, W=w)
+        check_images(x, self.in_shape, "EfficientCapsNet")
         v = self.digits(self.primary(self.features(x)))
         recon = self.decoder(v, target) if self.decoder is not None else None
         return CapsuleOutput(capsule_lengths(v), v, recon)
