@@ -10,7 +10,7 @@ What one training step is, per configuration (all include the data pipeline):
   ``engine.Trainer`` built from ``mnist_capsnet.parse_args`` with ``--embedded-sample`` (uint8
   digits held as one tensor on the device) and the configuration's ``--amp``,
   ``--channels-last``, ``--conv-impl`` and ``--compile``; a step is one batch of indices from
-  ``engine.train_batches``, ``engine.augmented_batch`` (``random_shift`` + ``to_input``) and
+  ``engine.train_batches``, ``engine.augmented_batch`` (the recipe's augmentation) and
   ``engine.train_step`` on the trainer's ``step_context`` (``capsnet_mnist`` under the
   configured autocast, the recipe's ``CapsuleLoss``, backward, the Adam and schedule steps),
   the calls ``engine.train_one_epoch`` makes. ``-cl`` = channels_last, ``-bf16`` =
@@ -209,7 +209,7 @@ class TorchcapsWorkload(Workload):
             tr.train_images,
             tr.train_labels,
             next(self.batches),
-            max_shift=tr.recipe.max_shift,
+            augment=tr.recipe.augment,
             generator=tr.generator,
             memory_format=tr.memory_format,
         )

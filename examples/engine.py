@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from augment import Augment
 from loaders import load_dataset
-from presets import LossFn, Recipe, random_shift
+from presets import LossFn, Recipe
 from runtime import Dist, pick_device
 from torchcaps.models import CapsuleOutput, get_model
 
@@ -92,17 +93,15 @@ def augmented_batch(
     labels: Tensor,
     index: Tensor,
     *,
-    max_shift: int,
+    augment: Augment,
     generator: torch.Generator,
     memory_format: torch.memory_format,
     rank: int = 0,
     world: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """The training batch ``index`` of uint8 ``images``: shifted, scaled to [0, 1]."""
-    batch = images[index]
-    if max_shift > 0:
-        batch = random_shift(batch, max_shift, generator, rank, world)
-    return to_input(batch, memory_format), labels[index]
+    """The training batch ``index`` of uint8 ``images``: scaled to [0, 1], augmented."""
+    x = augment(images[index].unsqueeze(1).float() / 255.0, generator, rank, world)
+    return x.contiguous(memory_format=memory_format), labels[index]
 
 
 def train_one_epoch(
@@ -112,7 +111,7 @@ def train_one_epoch(
     *,
     batch_size: int,
     steps: int,
-    max_shift: int,
+    augment: Augment,
     generator: torch.Generator,
     memory_format: torch.memory_format,
     rank: int = 0,
@@ -137,7 +136,7 @@ def train_one_epoch(
             images,
             labels,
             index,
-            max_shift=max_shift,
+            augment=augment,
             generator=generator,
             memory_format=memory_format,
             rank=rank,
@@ -205,13 +204,20 @@ def make_scheduler(
     total_steps: int,
     lr_decay: float = 0.9,
     lr_min_factor: float = 0.01,
+    lr_floor: float = 0.0,
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """The learning-rate schedule ``schedule``.
 
     ``"cosine"``: a ``LambdaLR`` over ``total_steps`` batches, stepped after every batch; only
     its step count is saved in a checkpoint, so the curve is rebuilt from the command line on
-    resume. ``"exponential"``: ``lr_decay`` per epoch, stepped after every epoch.
+    resume. ``"exponential"``: ``lr_decay`` per epoch, stepped after every epoch, never below
+    ``lr_floor`` (an absolute learning rate; 0: no floor, a plain ``ExponentialLR``).
     """
+    if schedule == "exponential" and lr_floor > 0:
+        base = optimizer.param_groups[0]["lr"]
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda epoch: max(lr_decay**epoch, lr_floor / base)
+        )
     if schedule == "exponential":
         return torch.optim.lr_scheduler.ExponentialLR(optimizer, lr_decay)
     return torch.optim.lr_scheduler.LambdaLR(
@@ -288,6 +294,7 @@ class Trainer:
             total_steps=args.epochs * self.steps_per_epoch,
             lr_decay=args.lr_decay,
             lr_min_factor=args.lr_min_factor,
+            lr_floor=args.lr_floor,
         )
         # The cosine schedule moves after every batch, the exponential one after every epoch.
         self.schedule_per_step = args.lr_schedule == "cosine"
@@ -391,7 +398,7 @@ class Trainer:
             self.train_labels,
             batch_size=args.batch_size,
             steps=steps,
-            max_shift=self.recipe.max_shift,
+            augment=self.recipe.augment,
             generator=self.generator,
             memory_format=self.memory_format,
             rank=self.dist.rank,

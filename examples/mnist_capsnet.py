@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import train
+from augment import Shift
 from presets import CapsuleLoss, LossFn, Recipe
 
 
@@ -90,7 +91,7 @@ RECIPE = Recipe(
     loss=loss,
     add_arguments=add_arguments,
     runtime_kwargs=lambda args: {"conv_impl": args.conv_impl},
-    max_shift=2,
+    augment=Shift(2),
     defaults={"epochs": 15, "batch_size": 128, "lr": 0.001},
 )
 

@@ -84,6 +84,13 @@ def get_args_parser(recipe: Recipe, add_help: bool = True) -> argparse.ArgumentP
     )
     add_flag(
         p,
+        "--lr-floor",
+        type=float,
+        default=0.0,
+        help="with --lr-schedule exponential: the smallest learning rate (0: no floor)",
+    )
+    add_flag(
+        p,
         "--lr-min-factor",
         type=float,
         default=0.01,
@@ -203,6 +210,8 @@ def parse_args(recipe: Recipe, argv: Sequence[str] | None = None) -> argparse.Na
         parser.error(f"--lr must be a positive number, got {args.lr}")
     if not (0 < args.lr_decay <= 1):
         parser.error(f"--lr-decay must be in (0, 1], got {args.lr_decay}")
+    if not (0 <= args.lr_floor < math.inf):
+        parser.error(f"--lr-floor must be >= 0, got {args.lr_floor}")
     if not (0 <= args.lr_min_factor <= 1):
         parser.error(f"--lr-min-factor must be in [0, 1], got {args.lr_min_factor}")
     if args.embedded_sample and args.data_dir is not None:

@@ -95,6 +95,20 @@ def test_make_scheduler() -> None:
     assert opt.param_groups[0]["lr"] == pytest.approx(0.2)
 
 
+def test_exponential_schedule_with_a_floor() -> None:
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=5e-4)
+    sched = engine.make_scheduler(opt, "exponential", total_steps=10, lr_decay=0.97, lr_floor=5e-5)
+    seen = []
+    for _ in range(100):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    for epoch, lr in enumerate(seen):  # 5e-4 x 0.97^epoch until it reaches 5e-5 (epoch 76)
+        assert lr == pytest.approx(max(5e-4 * 0.97**epoch, 5e-5))
+    assert seen[75] > 5e-5 and seen[76] == pytest.approx(5e-5)
+
+
 def test_train_batches_shard_each_global_batch() -> None:
     whole = list(engine.train_batches(10, 4, torch.Generator().manual_seed(3)))
     assert [len(b) for b in whole] == [4, 4]  # the partial last batch is dropped

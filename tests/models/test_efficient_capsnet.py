@@ -30,6 +30,8 @@ def test_architecture() -> None:
     ]
     kinds = [type(m) for m in model.features]
     assert kinds == [nn.Conv2d, nn.ReLU, nn.BatchNorm2d] * 4  # Conv -> ReLU -> BatchNorm
+    norms = [m for m in model.features if isinstance(m, nn.BatchNorm2d)]
+    assert all((m.eps, m.momentum) == (1e-3, 0.01) for m in norms)  # Keras' defaults
     assert isinstance(model.primary, Conv2dCaps)
     assert (model.primary.groups, model.primary.kernel_size) == (128, (9, 9))
     assert (model.primary.out_capsules, model.primary.capsule_dim) == (16, 8)

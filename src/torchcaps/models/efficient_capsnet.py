@@ -39,7 +39,8 @@ class EfficientCapsNet(nn.Module):
     official code):
 
     1. ``features``: Conv 32 5x5, Conv 64 3x3, Conv 64 3x3, Conv 128 3x3 stride 2, each followed
-       by ReLU and :class:`torch.nn.BatchNorm2d`, no padding (a 9x9 grid for 28x28 input);
+       by ReLU and :class:`torch.nn.BatchNorm2d` (with Keras' defaults, ``eps=1e-3`` and a
+       running-average momentum of 0.01), no padding (a 9x9 grid for 28x28 input);
     2. ``primary``: :class:`~torchcaps.Conv2dCaps` ``(128, 16, 8, kernel_size=9, groups=128,
        squash=exp_squash)``, a depthwise convolution over the whole grid: each channel becomes
        one number, regrouped into 16 capsules of 8 dimensions;
@@ -112,7 +113,8 @@ class EfficientCapsNet(nn.Module):
             layers += [
                 nn.Conv2d(c_in, c_out, k, stride=s),
                 nn.ReLU(inplace=True),
-                nn.BatchNorm2d(c_out),
+                # Keras' BatchNormalization defaults, as in the official code
+                nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.01),
             ]
         self.features = nn.Sequential(*layers)
         self.primary = Conv2dCaps(128, 16, 8, kernel_size=grid_h, groups=128, squash=exp_squash)

@@ -1,0 +1,224 @@
+"""Training-time augmentation of the examples, batched on the training device.
+
+An augmentation maps a float batch ``(B, C, H, W)`` in [0, 1] to one of the same shape, drawing
+its randomness from the run's data generator. Under data parallelism each rank holds a shard of
+a global batch: every random number is drawn for the whole global batch (the same draw on every
+rank) and the rank keeps its slice, so an image gets the same augmentation as in a
+single-process run with the same seed.
+
+- :class:`Shift`: the CapsNet paper's random shifts of up to 2 pixels (zero fill).
+- :class:`EfficientCapsNetAugment`: the MNIST augmentation of the Efficient-CapsNet code
+  (rotation, shift within the free margin, width squish, a 4x4 erase).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# (images (B, C, H, W) float in [0, 1], generator, rank, world) -> images of the same shape
+Augment = Callable[[Tensor, torch.Generator, int, int], Tensor]
+
+
+def _draw(
+    sample: Callable[[int], Tensor], b: int, rank: int, world: int, device: torch.device
+) -> Tensor:
+    """``sample(world * b)`` (random numbers for the global batch), this rank's slice of it."""
+    return sample(b * world)[rank * b : (rank + 1) * b].to(device)
+
+
+def random_shift(
+    images: Tensor, max_shift: int, generator: torch.Generator, rank: int = 0, world: int = 1
+) -> Tensor:
+    """Shift each image independently by up to ``max_shift`` pixels in x and y, zero padded.
+
+    Batched on the images' device: pad, then gather one (H, W) window per sample.
+    ``images``: (B, ..., H, W) of any dtype -> the same shape and dtype. The offsets are drawn
+    for the global batch of ``world * B`` images (see the module documentation).
+    """
+    b, h, w = images.shape[0], images.shape[-2], images.shape[-1]
+    padded = F.pad(images, (max_shift, max_shift, max_shift, max_shift))
+    offsets = torch.randint(
+        0, 2 * max_shift + 1, (2, b * world), generator=generator, device=generator.device
+    )[:, rank * b : (rank + 1) * b].to(images.device)
+    rows = (offsets[0].unsqueeze(1) + torch.arange(h, device=images.device)).unsqueeze(2)
+    cols = (offsets[1].unsqueeze(1) + torch.arange(w, device=images.device)).unsqueeze(1)
+    batch_index = torch.arange(b, device=images.device).view(b, 1, 1)
+    moved = padded.movedim((-2, -1), (1, 2))  # (B, H + 2m, W + 2m, ...)
+    return moved[batch_index, rows, cols].movedim((1, 2), (-2, -1))
+
+
+def translate(images: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
+    """Move image ``k`` down by ``dy[k]`` and right by ``dx[k]`` pixels (integers), zero fill.
+
+    ``images`` (B, C, H, W); ``dy``, ``dx`` (B,) integer tensors; pixels that leave the image
+    are dropped: ``out[k, :, y, x] = images[k, :, y - dy[k], x - dx[k]]`` where that is inside.
+    """
+    b, _, h, w = images.shape
+    rows = torch.arange(h, device=images.device) - dy.view(b, 1)  # (B, H) source rows
+    cols = torch.arange(w, device=images.device) - dx.view(b, 1)
+    valid = ((rows >= 0) & (rows < h)).unsqueeze(2) & ((cols >= 0) & (cols < w)).unsqueeze(1)
+    k = torch.arange(b, device=images.device).view(b, 1, 1)
+    src_rows, src_cols = rows.clamp(0, h - 1).unsqueeze(2), cols.clamp(0, w - 1).unsqueeze(1)
+    moved = images.movedim(1, 3)[k, src_rows, src_cols]
+    return (moved * valid.unsqueeze(3).to(images.dtype)).movedim(3, 1)
+
+
+def rotate(images: Tensor, degrees: Tensor) -> Tensor:
+    """Rotate image ``k`` counter-clockwise by ``degrees[k]`` about its centre, zero fill.
+
+    As OpenCV's ``warpAffine`` with a rotation matrix: the output pixel at (x, y) (pixel
+    centres at integer coordinates, centre ``c = ((W - 1) / 2, (H - 1) / 2)``) reads the input
+    at ``c + R(-degrees) (p - c)``, bilinearly, with zeros outside.
+    """
+    b, _, h, w = images.shape
+    t = torch.deg2rad(degrees.to(torch.float64))
+    cos, sin = torch.cos(t), torch.sin(t)
+    # In the normalised coordinates of align_corners=True, x_n = 2 x / (W - 1) - 1 (same for y).
+    ry, rx = (h - 1) / max(w - 1, 1), (w - 1) / max(h - 1, 1)
+    zero = torch.zeros_like(cos)
+    theta = torch.stack(
+        [torch.stack([cos, -sin * ry, zero], 1), torch.stack([sin * rx, cos, zero], 1)], 1
+    ).to(images.dtype)
+    grid = F.affine_grid(theta, [b, 1, h, w], align_corners=True)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def squish(images: Tensor, width_cut: Tensor, offset: Tensor, max_cut: int) -> Tensor:
+    """Shrink image ``k``'s width by ``width_cut[k]`` pixels, place it ``offset[k]`` from the left.
+
+    Each image is resized to (H, W - width_cut[k]) (bilinear, antialiased), zero padded back to
+    width W on the right and moved right by ``offset[k]``; ``width_cut`` takes values in
+    ``0..max_cut``.
+    """
+    h, w = images.shape[-2:]
+    out = images.clone()
+    for cut in range(1, max_cut + 1):
+        resized = F.interpolate(images, size=(h, w - cut), mode="bilinear", antialias=True)
+        resized = F.pad(resized, (0, cut))
+        out = torch.where((width_cut == cut).view(-1, 1, 1, 1), resized, out)
+    return translate(out, torch.zeros_like(offset), offset)
+
+
+def erase(images: Tensor, top: Tensor, left: Tensor, size: int) -> Tensor:
+    """Set the ``size`` x ``size`` patch at (``top[k]``, ``left[k]``) of image ``k`` to zero."""
+    h, w = images.shape[-2:]
+    rows = torch.arange(h, device=images.device) - top.view(-1, 1)
+    cols = torch.arange(w, device=images.device) - left.view(-1, 1)
+    inside = ((rows >= 0) & (rows < size)).unsqueeze(2) & ((cols >= 0) & (cols < size)).unsqueeze(1)
+    return images * (~inside).unsqueeze(1).to(images.dtype)
+
+
+def margins(images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Empty rows/columns on each side of the content of each image: (top, bottom, left, right).
+
+    A pixel is content when it is non-zero in any channel; an empty image has margins 0.
+    """
+    content = images.ne(0).any(dim=1)  # (B, H, W)
+    rows, cols = content.any(dim=2).int(), content.any(dim=1).int()
+    return (
+        rows.argmax(dim=1),
+        rows.flip(1).argmax(dim=1),
+        cols.argmax(dim=1),
+        cols.flip(1).argmax(dim=1),
+    )
+
+
+def shift_within_margins(images: Tensor, amount: Tensor, forth: Tensor) -> Tensor:
+    """Shift each image by a fraction of its empty margin, so that its content is never cut.
+
+    ``amount`` (2, B) in [0, 1) and ``forth`` (2, B) bool, row 0 for the vertical axis and row 1
+    for the horizontal one: image ``k`` moves by ``floor(amount m)`` pixels towards the end of
+    the axis (down/right) when ``forth``, ``m`` the empty margin there plus one, and by
+    ``floor(amount m)`` towards its start otherwise, ``m`` the empty margin there (the
+    official code's rounding).
+    """
+    top, bottom, left, right = margins(images)
+    steps = []
+    for axis, (before, after) in enumerate(((top, bottom), (left, right))):
+        back = torch.floor(-amount[axis] * before)
+        ahead = torch.floor(amount[axis] * (after + 1))
+        steps.append(torch.where(forth[axis], ahead, back).long())
+    return translate(images, steps[0], steps[1])
+
+
+@dataclass(frozen=True)
+class Shift:
+    """Random shifts of up to ``max_shift`` pixels in x and y, per image (:func:`random_shift`)."""
+
+    max_shift: int = 2
+
+    def __call__(
+        self, images: Tensor, generator: torch.Generator, rank: int = 0, world: int = 1
+    ) -> Tensor:
+        if self.max_shift <= 0:
+            return images
+        return random_shift(images, self.max_shift, generator, rank, world)
+
+
+@dataclass(frozen=True)
+class EfficientCapsNetAugment:
+    """The MNIST augmentation of the Efficient-CapsNet code (after Byerly et al.), batched.
+
+    In this order, each with its own draws per image (``N`` a normal of standard deviation
+    ``spread`` = 0.33):
+
+    1. with probability 1/2, rotate by ``trunc(30 clip(N, -0.9999, 0.9999))`` degrees
+       (:func:`rotate`; whole degrees, as the official code passes the angle through ``int``);
+    2. shift along each axis, in a random direction, by ``floor(a m)`` pixels (towards the
+       top/left) or ``floor(a (m + 1))`` (towards the bottom/right), ``a = min(|N|, 0.9999)``
+       and ``m`` the empty margin on that side, so the digit is never cut;
+    3. squish: shrink the width by ``floor(a W / 4 + 1)`` pixels (``a = min(|N|, 0.9999)``) and
+       place the result ``cut // 2 + floor(2 a')`` pixels from the left (:func:`squish`);
+    4. erase a 4x4 patch at a uniform position in ``[4, H - 6] x [4, W - 6]``.
+
+    Deviations from the official code: rotation about the true centre ``((W-1)/2, (H-1)/2)``
+    (OpenCV's call there uses (14, 14) for 28x28) and bilinear antialiased resizing in the
+    squish instead of Lanczos-3.
+    """
+
+    spread: float = 0.33
+    max_degrees: float = 30.0
+    erase_size: int = 4
+
+    def __call__(
+        self, images: Tensor, generator: torch.Generator, rank: int = 0, world: int = 1
+    ) -> Tensor:
+        b, _, h, w = images.shape
+        dev = images.device
+
+        def normal(n: int) -> Tensor:
+            return torch.randn(n, generator=generator, device=generator.device) * self.spread
+
+        def uniform(n: int) -> Tensor:
+            return torch.rand(n, generator=generator, device=generator.device)
+
+        def draw(fn: Callable[[int], Tensor]) -> Tensor:
+            return _draw(fn, b, rank, world, dev)
+
+        # 1. rotation
+        angle = torch.trunc(draw(normal).clamp(-0.9999, 0.9999) * self.max_degrees)
+        angle = torch.where(draw(normal) > 0, torch.zeros_like(angle), angle)
+        images = rotate(images, angle)
+        # 2. shift within the free margins (draws: y amount, y direction, x amount, x direction)
+        draws = [(draw(normal).abs().clamp(max=0.9999), draw(uniform) >= 0.5) for _ in range(2)]
+        images = shift_within_margins(
+            images,
+            torch.stack([a for a, _ in draws]),
+            torch.stack([f for _, f in draws]),
+        )
+        # 3. squish
+        max_cut = math.floor(0.9999 * w / 4 + 1)
+        cut = torch.floor(draw(normal).abs().clamp(max=0.9999) * (w / 4) + 1).long()
+        offset = cut // 2 + torch.floor(draw(normal).abs().clamp(max=0.9999) * 2).long()
+        images = squish(images, cut, offset, max_cut)
+        # 4. erase
+        span = h - 2 * self.erase_size - 1, w - 2 * self.erase_size - 1
+        erase_top = torch.floor(draw(uniform) * span[0]).long() + self.erase_size
+        erase_left = torch.floor(draw(uniform) * span[1]).long() + self.erase_size
+        return erase(images, erase_top, erase_left, self.erase_size)
