@@ -18,7 +18,12 @@ from torchcaps import (
     SelfAttentionRouting,
     squash,
 )
-from torchcaps.routing import resolve_routing, routing_algorithms, routing_choices
+from torchcaps.routing import (
+    resolve_routing,
+    routing_algorithms,
+    routing_choices,
+    routing_class,
+)
 
 
 class MeanRouting(Routing):
@@ -63,6 +68,18 @@ def test_resolver_errors() -> None:
     with pytest.raises(ValueError, match="routing_kwargs"):
         resolve_routing(inst, iterations=2)
     assert routing_choices() == ["dynamic", "inverted_dot_product", "self_attention"]
+
+
+def test_routing_class_is_what_resolve_routing_builds() -> None:
+    for name in routing_choices():
+        cls = routing_class(name)
+        kwargs = cls.contract_kwargs(5, 3, 4)
+        assert type(resolve_routing(name, **kwargs)) is cls
+    assert routing_class("Self-Attention") is routing_class("self_attention_routing")
+    with pytest.raises(ValueError, match="could not resolve routing 'em'"):
+        routing_class("em")
+    with pytest.raises(TypeError, match="got int"):
+        routing_class(3)  # type: ignore[arg-type]
 
 
 def test_algorithms_are_the_exported_routing_subclasses() -> None:

@@ -15,6 +15,7 @@ from torchcaps._checks import (
     check_pair,
     check_shape,
     check_tensor,
+    in_graph_capture,
     shape_str,
 )
 from torchcaps.errors import ShapeError
@@ -45,8 +46,10 @@ class ConvCaps2d(nn.Module):
     :class:`~torchcaps.routing.Routing` contract, so every routing plugs in, your own too). The
     output grid has the size of :class:`torch.nn.Conv2d`'s. Unlike :class:`Conv2dCaps` (primary
     capsules: a convolution whose channels are grouped into capsules, no routing), this layer
-    routes. Predictions are routed in chunks of at most 64 MiB (float32), so large grids never
-    hold every position's predictions at once; the result is the same.
+    routes. In eager mode predictions are routed in chunks of at most 64 MiB (float32), so large
+    grids never hold every position's predictions at once; the result is the same. Under
+    :func:`torch.compile` and :func:`torch.export.export` the layer routes in one piece, so
+    that the graph does not depend on the batch size.
 
     Args:
         in_capsules: capsule types :math:`N_{in}` per input position.
@@ -189,7 +192,9 @@ class ConvCaps2d(nn.Module):
         b = inp.shape[0]
         u = self._windows(inp)
         per_row = self.window_capsules * self.out_capsules * self.out_dim * 4
-        rows = max(1, CHUNK_BYTES // per_row)
+        # Under torch.compile/export one piece: a chunk count that depends on the batch would
+        # specialise the graph to a range of batch sizes.
+        rows = u.shape[0] if in_graph_capture() else max(1, CHUNK_BYTES // per_row)
         v, c = route_in_chunks(self, u, rows, return_coupling)
         v = v.view(b, h_out, w_out, self.out_capsules, self.out_dim).permute(0, 3, 1, 2, 4)
         v = v.to(out_dtype)

@@ -20,13 +20,16 @@ from torchcaps.models._api import (
     register_model,
 )
 from torchcaps.models.capsnet import CapsNet, capsnet_mnist
+from torchcaps.models.convcaps import ConvCapsNet, convcaps_mnist
 from torchcaps.models.efficient_capsnet import EfficientCapsNet, efficient_capsnet_mnist
 
 __all__ = [
     "CapsNet",
     "CapsuleOutput",
+    "ConvCapsNet",
     "EfficientCapsNet",
     "capsnet_mnist",
+    "convcaps_mnist",
     "efficient_capsnet_mnist",
     "get_model",
     "get_model_builder",

@@ -3,7 +3,12 @@
 from torchcaps.routing.base import Routing
 from torchcaps.routing.dynamic import DynamicRouting
 from torchcaps.routing.inverted_dot_product import InvertedDotProductRouting
-from torchcaps.routing.resolver import resolve_routing, routing_algorithms, routing_choices
+from torchcaps.routing.resolver import (
+    resolve_routing,
+    routing_algorithms,
+    routing_choices,
+    routing_class,
+)
 from torchcaps.routing.self_attention import SelfAttentionRouting
 
 __all__ = [
@@ -14,4 +19,5 @@ __all__ = [
     "resolve_routing",
     "routing_algorithms",
     "routing_choices",
+    "routing_class",
 ]

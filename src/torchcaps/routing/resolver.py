@@ -8,7 +8,7 @@ from typing import Any
 
 from torchcaps.routing.base import Routing
 
-__all__ = ["resolve_routing", "routing_algorithms", "routing_choices"]
+__all__ = ["resolve_routing", "routing_algorithms", "routing_choices", "routing_class"]
 
 
 def _normalise(name: str) -> str:
@@ -50,6 +50,31 @@ def routing_choices() -> list[str]:
     return sorted(name.removesuffix("_routing") for name in names)
 
 
+def routing_class(name: str) -> type[Routing]:
+    """The :class:`Routing` subclass that :func:`resolve_routing` builds for ``name``.
+
+    Raises:
+        TypeError: ``name`` is not a string.
+        ValueError: no built-in algorithm has that name (the message lists the choices).
+
+    Examples:
+        >>> from torchcaps.routing import routing_class
+        >>> routing_class("inverted-dot-product").__name__
+        'InvertedDotProductRouting'
+    """
+    if not isinstance(name, str):
+        raise TypeError(
+            f"routing must be a Routing instance or a name from {routing_choices()}, "
+            f"got {type(name).__name__}"
+        )
+    key = _normalise(name)
+    algorithms = routing_algorithms()
+    cls = algorithms.get(key) or algorithms.get(key + "routing")
+    if cls is None:
+        raise ValueError(f"could not resolve routing {name!r}; choices: {routing_choices()}")
+    return cls
+
+
 def resolve_routing(routing: str | Routing, **kwargs: Any) -> Routing:
     """Resolve ``routing`` to a :class:`Routing` instance.
 
@@ -75,14 +100,4 @@ def resolve_routing(routing: str | Routing, **kwargs: Any) -> Routing:
                 f"got an instance of {type(routing).__name__}"
             )
         return routing
-    if not isinstance(routing, str):
-        raise TypeError(
-            f"routing must be a Routing instance or a name from {routing_choices()}, "
-            f"got {type(routing).__name__}"
-        )
-    key = _normalise(routing)
-    algorithms = routing_algorithms()
-    cls = algorithms.get(key) or algorithms.get(key + "routing")
-    if cls is None:
-        raise ValueError(f"could not resolve routing {routing!r}; choices: {routing_choices()}")
-    return cls(**kwargs)
+    return routing_class(routing)(**kwargs)
