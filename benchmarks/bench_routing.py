@@ -1,29 +1,36 @@
-"""Forward/backward time and peak memory of DenseCaps + DynamicRouting vs the reference DigitCaps.
+"""Forward/backward time and peak memory of torchcaps' routed layers vs straightforward versions.
 
     python benchmarks/bench_routing.py --quick
     python benchmarks/bench_routing.py --json routing.json
 
-Measured per size and implementation, on random squashed input capsules ``u`` of shape
-``(B, N_in, D_in)`` that require grad, with ``iterations`` routing rounds (3, the paper's):
+One case per (layer, size), each measured for two implementations on random squashed input
+capsules that require grad:
+
+- ``dynamic``: ``DenseCaps(N_in, D_in, N_out, D_out, routing=DynamicRouting(iterations))`` vs
+  ``DigitCaps`` of ``benchmarks/reference_capsnet.py`` (``W`` (1, N_in, N_out, D_out, D_in)
+  broadcast over the batch by ``matmul``, logits (B, N_in, N_out, 1), softmax over the parents);
+- ``self_attention``: ``DenseCaps`` + ``SelfAttentionRouting(learned_prior=(N_in, N_out))`` vs
+  ``reference_routing.SelfAttentionCaps``;
+- ``inverted_dot_product``: ``DenseCaps`` + ``InvertedDotProductRouting(D_out)`` (2 rounds, the
+  paper's) vs ``reference_routing.InvertedDotProductCaps``;
+- ``convcaps``: ``ConvCaps2d`` + ``DynamicRouting(iterations)`` vs
+  ``reference_routing.NaiveConvCaps`` (unfolded windows, ``DigitCaps`` over every output
+  position at once, no chunking).
+
+Measured per case and implementation:
 
 - ``fwd+bwd``: ``v = layer(u)`` and ``v.backward(g)`` for a fixed random ``g`` (gradients
   flow into the weights and into ``u``, as inside a network);
 - ``fwd``: the forward part of that step alone;
 - ``no_grad fwd``: ``layer(u)`` under ``torch.no_grad()`` (evaluation).
 
-Implementations: ``torchcaps``: ``DenseCaps(N_in, D_in, N_out, D_out,
-routing=DynamicRouting(iterations))``; ``reference``: ``DigitCaps`` of
-``benchmarks/reference_capsnet.py`` (``W`` (1, N_in, N_out, D_out, D_in) broadcast over the
-batch by ``matmul``, logits ``b`` (B, N_in, N_out, 1), softmax over the parents). Before timing,
-a check verifies on copied weights that both give the same ``v`` and gradients.
-
-Sizes: ``paper``: B=128, 1152 x 8D -> 10 x 16D (MNIST DigitCaps); ``large``: B=8,
-4608 x 8D -> 100 x 16D (more capsules and classes, a smaller batch so the reference fits in a
-few GB). This file is the specification; the driver in ``_common.py`` runs each (size,
-implementation, repeat) in its own worker process, rotates the order each repeat and reports
-medians over repeats. Peak memory: the RSS high-water mark of the timed part of each phase
-(reset after the warm-up) above the RSS once the layer and its input exist (so it counts
-activations, gradients and workspace, not the parameters), or the CUDA allocator's peak.
+Before timing, a check verifies on copied weights that both implementations of every layer
+give the same ``v`` and input gradients. This file is the specification; the driver in
+``_common.py`` runs each (case, implementation, repeat) in its own worker process, rotates the
+order each repeat and reports medians over repeats. Peak memory: the RSS high-water mark of
+the timed part of each phase (reset after the warm-up) above the RSS once the layer and its
+input exist (so it counts activations, gradients and workspace, not the parameters), or the
+CUDA allocator's peak.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from _common import (
@@ -47,15 +55,53 @@ from _common import (
 )
 
 IMPLS = ("reference", "torchcaps")
-# name -> (in_capsules, in_dim, out_capsules, out_dim); batch sizes come from the settings
-SIZES: dict[str, tuple[int, int, int, int]] = {
-    "paper": (1152, 8, 10, 16),
-    "large": (4608, 8, 100, 16),
+LAYERS = ("dynamic", "self_attention", "inverted_dot_product", "convcaps")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One layer at one size. Dense layers: ``dims`` = (N_in, D_in, N_out, D_out); ``convcaps``:
+    (N_in, D_in, H, W, N_out, D_out, kernel, stride, padding)."""
+
+    layer: str
+    size: str
+    dims: tuple[int, ...]
+    batch: int
+    quick_batch: int
+    what: str
+
+
+CASES = {
+    f"{c.layer}-{c.size}": c
+    for c in (
+        Case("dynamic", "paper", (1152, 8, 10, 16), 128, 128, "CapsNet's DigitCaps"),
+        Case("dynamic", "large", (4608, 8, 100, 16), 8, 2, "more capsules and classes"),
+        Case("self_attention", "paper", (16, 8, 10, 16), 16, 16, "Efficient-CapsNet's FCCaps"),
+        Case("self_attention", "large", (1152, 8, 10, 16), 128, 32, "at CapsNet's size"),
+        Case(
+            "inverted_dot_product",
+            "paper",
+            (800, 16, 10, 16),
+            128,
+            32,
+            "Tsai et al.'s class capsules",
+        ),
+        Case(
+            "inverted_dot_product", "large", (4608, 8, 100, 16), 8, 2, "more capsules and classes"
+        ),
+        Case(
+            "convcaps",
+            "paper",
+            (32, 16, 16, 16, 32, 16, 3, 2, 0),
+            4,
+            1,
+            "Tsai et al.'s ConvCaps1 grid",
+        ),
+        Case("convcaps", "large", (16, 8, 32, 32, 16, 8, 3, 1, 1), 2, 1, "a 32x32 grid"),
+    )
 }
-CONFIGS = {f"{size}-{impl}": (size, impl) for size in SIZES for impl in IMPLS}
+CONFIGS = {f"{case}-{impl}": (case, impl) for case in CASES for impl in IMPLS}
 SETTINGS = {
-    "paper_batch": Setting(128, 128, "batch of the paper size"),
-    "large_batch": Setting(8, 2, "batch of the large size"),
     "repeats": Setting(5, 3, "repeats, each in a fresh worker"),
     "steps": Setting(10, 2, "timed steps per phase and repeat"),
     "warmup": Setting(2, 1, "untimed steps before them", minimum=0),
@@ -65,36 +111,93 @@ PEAKS = ("fwd_bwd_peak_mb", "nograd_peak_mb")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sizes", default="paper,large", help=f"comma-separated from {list(SIZES)}")
+    p.add_argument("--layers", default=",".join(LAYERS), help=f"comma-separated from {LAYERS}")
+    p.add_argument("--sizes", default="paper,large", help="comma-separated from paper, large")
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated from {IMPLS}")
-    p.add_argument("--iterations", type=int, default=3, help="routing iterations")
+    p.add_argument(
+        "--iterations", type=int, default=3, help="rounds of dynamic routing (dynamic, convcaps)"
+    )
 
 
 def prepare(s: argparse.Namespace, names: list[str]) -> list[str]:
-    """The configurations of ``--configs`` (or all) restricted to ``--sizes`` and ``--impls``."""
-    sizes = [x.strip() for x in s.sizes.split(",") if x.strip()]
-    impls = [x.strip() for x in s.impls.split(",") if x.strip()]
-    bad = [x for x in sizes if x not in SIZES] + [i for i in impls if i not in IMPLS]
+    """The configurations of ``--configs`` (or all) restricted to ``--layers``, ``--sizes`` and
+    ``--impls``."""
+    split = {
+        k: [x.strip() for x in getattr(s, k).split(",") if x.strip()]
+        for k in ("layers", "sizes", "impls")
+    }
+    known = {"layers": LAYERS, "sizes": ("paper", "large"), "impls": IMPLS}
+    bad = [x for k, xs in split.items() for x in xs if x not in known[k]]
     if bad:
-        raise SystemExit(f"unknown size/impl {bad}; sizes {list(SIZES)}, impls {list(IMPLS)}")
+        raise SystemExit(f"unknown layer/size/impl {bad}; choices {known}")
     if s.iterations < 1:
         raise SystemExit(f"--iterations must be >= 1, got {s.iterations}")
-    chosen = {f"{size}-{impl}" for size in sizes for impl in impls}
+    chosen = {
+        f"{layer}-{size}-{impl}"
+        for layer in split["layers"]
+        for size in split["sizes"]
+        for impl in split["impls"]
+    }
     return [n for n in names if n not in CONFIGS or n in chosen]
 
 
 # --------------------------------------------------------------------------------------------
 # Worker side
 # --------------------------------------------------------------------------------------------
-def build_layer(impl: str, size: tuple[int, int, int, int], iterations: int, device: Any) -> Any:
-    n_in, d_in, n_out, d_out = size
+def build_layer(impl: str, case: Case, iterations: int, device: Any) -> Any:
+    import torchcaps
+
+    if case.layer == "convcaps":
+        n_in, d_in, _, _, n_out, d_out, k, stride, pad = case.dims
+        if impl == "torchcaps":
+            routing = torchcaps.DynamicRouting(iterations)
+            layer = torchcaps.ConvCaps2d(n_in, d_in, n_out, d_out, k, stride, pad, routing=routing)
+        else:
+            import reference_routing as rr
+
+            layer = rr.NaiveConvCaps(n_in, d_in, n_out, d_out, k, stride, pad, iterations)
+        return layer.to(device)
+    n_in, d_in, n_out, d_out = case.dims
     if impl == "torchcaps":
-        from torchcaps import DenseCaps, DynamicRouting
-
-        return DenseCaps(n_in, d_in, n_out, d_out, routing=DynamicRouting(iterations)).to(device)
+        routing: Any = {
+            "dynamic": lambda: torchcaps.DynamicRouting(iterations),
+            "self_attention": lambda: torchcaps.SelfAttentionRouting(learned_prior=(n_in, n_out)),
+            "inverted_dot_product": lambda: torchcaps.InvertedDotProductRouting(d_out),
+        }[case.layer]()
+        return torchcaps.DenseCaps(n_in, d_in, n_out, d_out, routing=routing).to(device)
     import reference_capsnet as ref
+    import reference_routing as rr
 
-    return ref.DigitCaps(n_in, d_in, n_out, d_out, iterations=iterations).to(device)
+    cls: Any = {
+        "dynamic": lambda: ref.DigitCaps(n_in, d_in, n_out, d_out, iterations=iterations),
+        "self_attention": lambda: rr.SelfAttentionCaps(n_in, d_in, n_out, d_out),
+        "inverted_dot_product": lambda: rr.InvertedDotProductCaps(n_in, d_in, n_out, d_out),
+    }[case.layer]
+    return cls().to(device)
+
+
+def input_shapes(case: Case, batch: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of the input ``u`` and of the output (and of its gradient ``g``)."""
+    if case.layer == "convcaps":
+        n_in, d_in, h, w, n_out, d_out, k, stride, pad = case.dims
+        h_out, w_out = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+        return (batch, n_in, h, w, d_in), (batch, n_out, h_out, w_out, d_out)
+    n_in, d_in, n_out, d_out = case.dims
+    return (batch, n_in, d_in), (batch, n_out, d_out)
+
+
+def copy_weights(ours: Any, theirs: Any) -> None:
+    """Give the reference the torchcaps layer's weights (and prior, layer norm)."""
+    import torch
+
+    with torch.no_grad():
+        w = ours.weight_matrices
+        theirs.W.copy_(w.reshape(1, -1, *w.shape[-3:]))
+        routing = ours.routing
+        if getattr(routing, "prior", None) is not None:
+            theirs.B.copy_(routing.prior)
+        if hasattr(theirs, "norm"):
+            theirs.norm.load_state_dict(routing.norm.state_dict())
 
 
 def measure(name: str, s: argparse.Namespace) -> dict[str, Any]:
@@ -103,26 +206,29 @@ def measure(name: str, s: argparse.Namespace) -> dict[str, Any]:
     import reference_capsnet  # noqa: F401 - same imports in every worker
     import torchcaps
 
-    size_name, impl = CONFIGS[name]
-    size = SIZES[size_name]
-    n_in, d_in, n_out, d_out = size
-    batch = int(getattr(s, f"{size_name}_batch"))
+    case_name, impl = CONFIGS[name]
+    case = CASES[case_name]
+    batch = case.quick_batch if s.quick else case.batch
     device = torch.device(s.device)
     torch.manual_seed(s.seed)
-    layer = build_layer(impl, size, s.iterations, device)
+    layer = build_layer(impl, case, s.iterations, device)
     gen = torch.Generator().manual_seed(s.seed)
-    u = torchcaps.squash(torch.randn(batch, n_in, d_in, generator=gen)).to(device)
+    u_shape, v_shape = input_shapes(case, batch)
+    u = torchcaps.squash(torch.randn(u_shape, generator=gen)).to(device)
     u.requires_grad_(True)
-    grad_v = torch.randn(batch, n_out, d_out, generator=gen).to(device)
+    grad_v = torch.randn(v_shape, generator=gen).to(device)
     memory = PeakMemory(device)
     release_memory()
     baseline = memory.current_mb()
     result: dict[str, Any] = {
         "config": name,
-        "size": size_name,
+        "case": case_name,
+        "layer": case.layer,
+        "size": case.size,
         "impl": impl,
         "batch": batch,
-        "shape": {"in_capsules": n_in, "in_dim": d_in, "out_capsules": n_out, "out_dim": d_out},
+        "input_shape": list(u_shape),
+        "output_shape": list(v_shape),
         "iterations": s.iterations,
         "num_parameters": sum(p.numel() for p in layer.parameters()),
     }
@@ -174,32 +280,45 @@ def measure(name: str, s: argparse.Namespace) -> dict[str, Any]:
 
 
 def check(s: argparse.Namespace) -> dict[str, Any]:
-    """Both implementations on the same weights and input: same v, same gradients."""
+    """Both implementations of every layer on the same weights and input: same v and input
+    gradients (at the paper size, batch 2; and at a small size)."""
     import torch
 
     import torchcaps
 
+    small = {
+        "dynamic": (36, 8, 5, 16),
+        "self_attention": (36, 8, 5, 16),
+        "inverted_dot_product": (36, 8, 5, 16),
+        "convcaps": (3, 4, 6, 5, 2, 5, 3, 2, 1),
+    }
     out: dict[str, Any] = {"config": "check", "ok": True}
-    for label, size, batch in (("small", (36, 8, 5, 16), 3), ("paper", SIZES["paper"], 2)):
-        torch.manual_seed(s.seed)
-        ours = build_layer("torchcaps", size, s.iterations, "cpu")
-        theirs = build_layer("reference", size, s.iterations, "cpu")
-        with torch.no_grad():
-            theirs.W.copy_(ours.weight_matrices.unsqueeze(0))
-        u = torchcaps.squash(torch.randn(batch, size[0], size[1])).requires_grad_(True)
-        g = torch.randn(batch, size[2], size[3])
-        v_ours = ours(u)
-        (grad_u_ours,) = torch.autograd.grad(v_ours, u, g)
-        v_ref = theirs(u)
-        (grad_u_ref,) = torch.autograd.grad(v_ref, u, g)
-        diff_v = float((v_ours - v_ref).abs().max())
-        diff_g = float((grad_u_ours - grad_u_ref).abs().max() / grad_u_ref.abs().max())
-        out[label] = {"max_abs_diff_v": diff_v, "max_rel_diff_grad_u": diff_g}
-        out["ok"] = out["ok"] and diff_v < 1e-5 and diff_g < 1e-3
-    out["summary"] = (
-        f"torchcaps == reference routing (paper size: max |dv| "
-        f"{out['paper']['max_abs_diff_v']:.1e}, grad rel {out['paper']['max_rel_diff_grad_u']:.1e})"
-    )
+    worst = 0.0
+    for layer in LAYERS:
+        paper = CASES[f"{layer}-paper"]
+        for label, case in (
+            ("small", Case(layer, "small", small[layer], 3, 3, "")),
+            ("paper", paper),
+        ):
+            torch.manual_seed(s.seed)
+            ours = build_layer("torchcaps", case, s.iterations, "cpu")
+            theirs = build_layer("reference", case, s.iterations, "cpu")
+            if layer == "self_attention":  # a non-zero prior, so that it is checked
+                torch.nn.init.normal_(ours.routing.prior, std=0.1)
+            copy_weights(ours, theirs)
+            u_shape, v_shape = input_shapes(case, 2)
+            u = torchcaps.squash(torch.randn(u_shape)).requires_grad_(True)
+            g = torch.randn(v_shape)
+            v_ours = ours(u)
+            (grad_u_ours,) = torch.autograd.grad(v_ours, u, g)
+            v_ref = theirs(u)
+            (grad_u_ref,) = torch.autograd.grad(v_ref, u, g)
+            diff_v = float((v_ours - v_ref).detach().abs().max())
+            diff_g = float((grad_u_ours - grad_u_ref).abs().max() / grad_u_ref.abs().max())
+            out[f"{layer}-{label}"] = {"max_abs_diff_v": diff_v, "max_rel_diff_grad_u": diff_g}
+            out["ok"] = out["ok"] and diff_v < 1e-4 and diff_g < 1e-3
+            worst = max(worst, diff_v)
+    out["summary"] = f"torchcaps == reference for every layer (max |dv| {worst:.1e})"
     return out
 
 
@@ -212,25 +331,33 @@ def finish(
     """Speed-ups (reference time / time) and memory ratios against the size's reference."""
 
     def reference(row: dict[str, Any]) -> str:
-        return f"{CONFIGS[row['config']][0]}-reference"
+        return f"{row['case']}-reference"
 
     for key in TIMES:
         versus(rows, key, reference, key.replace("_ms", "_speedup_vs_reference"), inverse=True)
     for key in PEAKS:
         versus(rows, key, reference, key.replace("_mb", "_vs_reference"))
-    fields = ("in_capsules", "in_dim", "out_capsules", "out_dim")
-    sizes = {k: dict(zip(fields, v, strict=True)) for k, v in SIZES.items()}
-    return Report(extra={"sizes": sizes})
+    cases = {k: {"layer": c.layer, "dims": c.dims, "what": c.what} for k, c in CASES.items()}
+    return Report(extra={"cases": cases})
 
 
-def size_label(r: dict[str, Any]) -> str:
-    s = r["shape"]
-    return f"{r['size']} ({s['in_capsules']}x{s['in_dim']}D->{s['out_capsules']}x{s['out_dim']}D)"
+def case_label(r: dict[str, Any]) -> str:
+    """``layer size (N_in x D_in -> N_out x D_out)``, with the grids for convcaps."""
+    case = CASES[r["case"]]
+    if case.layer == "convcaps":
+        _, n_in, h, w, d_in = r["input_shape"]
+        _, n_out, h2, w2, d_out = r["output_shape"]
+        k, stride, pad = case.dims[6:]
+        shape = f"{n_in}x{d_in}D {h}x{w} -> {n_out}x{d_out}D {h2}x{w2}, k{k} s{stride} p{pad}"
+    else:
+        n_in, d_in, n_out, d_out = case.dims
+        shape = f"{n_in}x{d_in}D -> {n_out}x{d_out}D"
+    return f"{case.layer} {case.size} ({shape})"
 
 
 SPEC = Spec(
     name="bench_routing",
-    description="DenseCaps + DynamicRouting vs the reference DigitCaps: time and memory.",
+    description="torchcaps' routed layers vs straightforward versions: time and memory.",
     configs=CONFIGS,
     default_configs=list(CONFIGS),
     quick_configs=list(CONFIGS),
@@ -239,7 +366,7 @@ SPEC = Spec(
     prepare=prepare,
     measure=measure,
     check=check,
-    first=("size", "impl", "batch", "shape"),
+    first=("case", "layer", "size", "impl", "batch", "input_shape", "output_shape"),
     medians=TIMES + PEAKS,
     finish=finish,
     progress=lambda r: (
@@ -253,7 +380,7 @@ SPEC = Spec(
     ),
     left=2,
     columns=[
-        Column("size", size_label),
+        Column("case", case_label),
         Column("impl", "impl"),
         Column("batch", lambda r: str(r["batch"])),
         Column("fwd+bwd ms", "fwd_bwd_ms"),
