@@ -18,54 +18,18 @@ checkpoints and the shared flags are in ``train.py``, ``engine.py`` and ``runtim
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import train
 from augment import EfficientCapsNetAugment
-from presets import CapsuleLoss, LossFn, Recipe
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of this model: the decoder and its loss weight."""
-    recon = p.add_mutually_exclusive_group()
-    train.add_flag(
-        recon,
-        "--with-reconstruction",
-        dest="reconstruction",
-        action="store_true",
-        default=True,
-        help="train with the reconstruction decoder (the default)",
-    )
-    train.add_flag(
-        recon,
-        "--no-reconstruction",
-        dest="reconstruction",
-        action="store_false",
-        help="train without the decoder",
-    )
-    train.add_flag(
-        p,
-        "--recon-weight",
-        type=float,
-        default=0.0005,
-        help="weight of the per-image sum of squared pixel errors (the official 0.392 x the "
-        "mean over 784 pixels)",
-    )
+from presets import Recipe, add_reconstruction_arguments, capsule_loss
 
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of ``efficient_capsnet_mnist`` (stored in every checkpoint)."""
     return {"reconstruction": args.reconstruction}
-
-
-def loss(args: argparse.Namespace) -> LossFn:
-    """Margin loss plus ``--recon-weight`` x the reconstruction loss."""
-    if not (args.recon_weight >= 0 and math.isfinite(args.recon_weight)):
-        raise ValueError(f"--recon-weight must be >= 0, got {args.recon_weight}")
-    return CapsuleLoss(args.recon_weight)
 
 
 RECIPE = Recipe(
@@ -74,8 +38,8 @@ RECIPE = Recipe(
     model="efficient_capsnet_mnist",
     dataset="mnist",
     model_kwargs=model_kwargs,
-    loss=loss,
-    add_arguments=add_arguments,
+    loss=capsule_loss,
+    add_arguments=add_reconstruction_arguments,
     augment=EfficientCapsNetAugment(),
     defaults={
         "epochs": 150,

@@ -16,49 +16,26 @@ checkpoints and the shared flags are in ``train.py``, ``engine.py`` and ``runtim
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import train
 from augment import Shift
-from presets import CapsuleLoss, LossFn, Recipe
+from presets import Recipe, add_flag, add_reconstruction_arguments, capsule_loss
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of this model: routing iterations, the decoder, PrimaryCaps' convolution."""
-    train.add_flag(
+    add_flag(
         p,
         "--routing-iterations",
         type=int,
         default=3,
         help="routing iterations r of DynamicRouting (the paper's Procedure 1)",
     )
-    recon = p.add_mutually_exclusive_group()
-    train.add_flag(
-        recon,
-        "--with-reconstruction",
-        dest="reconstruction",
-        action="store_true",
-        default=True,
-        help="train with the reconstruction decoder (the default)",
-    )
-    train.add_flag(
-        recon,
-        "--no-reconstruction",
-        dest="reconstruction",
-        action="store_false",
-        help="train without the decoder",
-    )
-    train.add_flag(
-        p,
-        "--recon-weight",
-        type=float,
-        default=0.0005,
-        help="weight of the per-image sum of squared pixel errors (the paper's 0.0005)",
-    )
-    train.add_flag(
+    add_reconstruction_arguments(p)
+    add_flag(
         p,
         "--conv-impl",
         choices=("auto", "native", "matmul"),
@@ -75,20 +52,13 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"routing_iterations": args.routing_iterations, "reconstruction": args.reconstruction}
 
 
-def loss(args: argparse.Namespace) -> LossFn:
-    """Margin loss plus ``--recon-weight`` x the reconstruction loss."""
-    if not (args.recon_weight >= 0 and math.isfinite(args.recon_weight)):
-        raise ValueError(f"--recon-weight must be >= 0, got {args.recon_weight}")
-    return CapsuleLoss(args.recon_weight)
-
-
 RECIPE = Recipe(
     name="mnist_capsnet",
     description="CapsNet (Sabour et al. 2017) on MNIST with torchcaps.",
     model="capsnet_mnist",
     dataset="mnist",
     model_kwargs=model_kwargs,
-    loss=loss,
+    loss=capsule_loss,
     add_arguments=add_arguments,
     runtime_kwargs=lambda args: {"conv_impl": args.conv_impl},
     augment=Shift(2),

@@ -1,4 +1,5 @@
-"""What differs between the examples: recipes (model, data, loss, augmentation, schedule).
+"""What differs between the examples: recipes (model, data, loss, augmentation, schedule), and
+the flags and losses that several recipes share.
 
 A :class:`Recipe` is one example script's preset: which registered model it trains on which
 dataset, with which loss and augmentation (``augment.py``), default hyperparameters and flags of
@@ -8,6 +9,7 @@ its own.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,3 +59,48 @@ class CapsuleLoss:
         if out.reconstruction is not None:
             loss = loss + self.recon(out.reconstruction.float(), images.float())
         return loss
+
+
+def add_flag(parser: argparse.ArgumentParser | Any, flag: str, **kwargs: Any) -> None:
+    """Add ``--some-flag`` together with its ``--some_flag`` spelling."""
+    names = [flag]
+    if "-" in flag[2:]:
+        names.append("--" + flag[2:].replace("-", "_"))
+    parser.add_argument(*names, **kwargs)
+
+
+def add_reconstruction_arguments(p: argparse.ArgumentParser) -> None:
+    """``--with-reconstruction``/``--no-reconstruction`` and ``--recon-weight``.
+
+    Shared by the recipes whose model has the masked decoder (``reconstruction`` keyword).
+    """
+    recon = p.add_mutually_exclusive_group()
+    add_flag(
+        recon,
+        "--with-reconstruction",
+        dest="reconstruction",
+        action="store_true",
+        default=True,
+        help="train with the reconstruction decoder (the default)",
+    )
+    add_flag(
+        recon,
+        "--no-reconstruction",
+        dest="reconstruction",
+        action="store_false",
+        help="train without the decoder",
+    )
+    add_flag(
+        p,
+        "--recon-weight",
+        type=float,
+        default=0.0005,
+        help="weight of the per-image sum of squared pixel errors (the paper's 0.0005)",
+    )
+
+
+def capsule_loss(args: argparse.Namespace) -> LossFn:
+    """Margin loss plus ``--recon-weight`` x the reconstruction loss."""
+    if not (args.recon_weight >= 0 and math.isfinite(args.recon_weight)):
+        raise ValueError(f"--recon-weight must be >= 0, got {args.recon_weight}")
+    return CapsuleLoss(args.recon_weight)

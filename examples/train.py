@@ -24,7 +24,7 @@ import torch
 
 from engine import Trainer
 from loaders import DataError
-from presets import Recipe
+from presets import Recipe, add_flag
 from runtime import (
     CheckpointError,
     Dist,
@@ -35,14 +35,6 @@ from runtime import (
     truncate_metrics,
     write_json,
 )
-
-
-def add_flag(parser: argparse.ArgumentParser | Any, flag: str, **kwargs: Any) -> None:
-    """Add ``--some-flag`` together with its ``--some_flag`` spelling."""
-    names = [flag]
-    if "-" in flag[2:]:
-        names.append("--" + flag[2:].replace("-", "_"))
-    parser.add_argument(*names, **kwargs)
 
 
 def get_args_parser(recipe: Recipe, add_help: bool = True) -> argparse.ArgumentParser:
