@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.autograd import gradcheck
 
 import torchcaps.layers.conv
@@ -182,3 +184,31 @@ def test_repr() -> None:
         "in_capsules=3, in_dim=4, out_capsules=2, out_dim=5, kernel_size=(3, 3), "
         "stride=(2, 2), padding=(1, 1)"
     )
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(1, 3),  # batch
+    st.integers(1, 3),  # input types
+    st.integers(1, 3),  # output types
+    st.integers(1, 3),  # kernel
+    st.integers(1, 2),  # stride
+    st.integers(0, 1),  # padding
+    st.integers(0, 3),  # extra grid rows beyond the kernel
+    st.integers(0, 3),  # extra grid columns
+    st.sampled_from(["dynamic", "self_attention"]),
+)
+def test_shapes_and_independence_of_examples(
+    b: int, n_in: int, n_out: int, k: int, s: int, p: int, dh: int, dw: int, routing: str
+) -> None:
+    """The output grid is Conv2d's; each example's output is the layer applied to it alone."""
+    torch.manual_seed(0)
+    layer = ConvCaps2d(n_in, 3, n_out, 4, k, s, p, routing=routing).double()
+    h, w = max(k - 2 * p, 1) + dh, max(k - 2 * p, 1) + dw
+    inp = torch.randn(b, n_in, h, w, 3, dtype=torch.float64)
+    v, c = layer(inp, return_coupling=True)
+    conv = torch.nn.Conv2d(1, 1, k, s, p)(torch.zeros(1, 1, h, w))
+    assert v.shape == (b, n_out, *conv.shape[-2:], 4)
+    assert c.shape == (b, *conv.shape[-2:], k * k * n_in, n_out)
+    for i in range(b):
+        torch.testing.assert_close(layer(inp[i : i + 1])[0], v[i])
