@@ -124,3 +124,68 @@ def inverted_dot_product_ref(
                 p[b, j] = layer_norm_ref(s_j, w, bb, eps)
         r[b] = r_b
     return p, r
+
+
+def em_routing_ref(
+    votes: Tensor,
+    acts: Tensor,
+    beta_u: Tensor,
+    beta_a: Tensor,
+    iterations: int,
+    final_lambda: float = 0.01,
+    eps: float = 1e-4,
+    mass_scale: float | None = 100.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """EM routing (Hinton et al. 2018, Procedure 1) with explicit loops over b, i, j, h (float64).
+
+    The cost's mass is sum_i R'_ij, times mass_scale * N_out / N_in unless mass_scale is None.
+    Returns (poses (B, N_out, P), activations (B, N_out), the R of the last M-step).
+    """
+    votes, acts = votes.double(), acts.double()
+    b_size, n_in, n_out, p = votes.shape
+    poses = torch.zeros(b_size, n_out, p, dtype=torch.float64)
+    a_out = torch.zeros(b_size, n_out, dtype=torch.float64)
+    r_last = torch.zeros(b_size, n_in, n_out, dtype=torch.float64)
+    for b in range(b_size):
+        r = [[1.0 / n_out] * n_out for _ in range(n_in)]
+        for t in range(1, iterations + 1):
+            lam = final_lambda * (1 - 0.95**t)
+            mu = [[0.0] * p for _ in range(n_out)]
+            var = [[0.0] * p for _ in range(n_out)]
+            a = [0.0] * n_out
+            for j in range(n_out):
+                w = [r[i][j] * float(acts[b, i]) for i in range(n_in)]  # R'_ij
+                mass = sum(w)
+                for h in range(p):
+                    if mass > 0:
+                        mu[j][h] = sum(w[i] * float(votes[b, i, j, h]) for i in range(n_in)) / mass
+                        var[j][h] = (
+                            sum(
+                                w[i] * (float(votes[b, i, j, h]) - mu[j][h]) ** 2
+                                for i in range(n_in)
+                            )
+                            / mass
+                        )
+                    var[j][h] += eps
+                m = mass if mass_scale is None else mass * mass_scale * n_out / n_in
+                cost = sum((float(beta_u[j]) + 0.5 * math.log(var[j][h])) * m for h in range(p))
+                a[j] = 1 / (1 + math.exp(-lam * (float(beta_a[j]) - cost)))
+            for i in range(n_in):
+                for j in range(n_out):
+                    r_last[b, i, j] = r[i][j]
+            if t < iterations:  # E-step
+                for i in range(n_in):
+                    logits = []
+                    for j in range(n_out):
+                        log_p = sum(
+                            -((float(votes[b, i, j, h]) - mu[j][h]) ** 2) / (2 * var[j][h])
+                            - 0.5 * math.log(2 * math.pi * var[j][h])
+                            for h in range(p)
+                        )
+                        logits.append(math.log(a[j]) + log_p)
+                    top = max(logits)
+                    z = sum(math.exp(x - top) for x in logits)
+                    r[i] = [math.exp(x - top) / z for x in logits]
+        poses[b] = torch.tensor(mu, dtype=torch.float64)
+        a_out[b] = torch.tensor(a, dtype=torch.float64)
+    return poses, a_out, r_last

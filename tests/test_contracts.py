@@ -1,9 +1,10 @@
 """The public contracts over everything the library can build by name.
 
 Every routing algorithm the resolver finds (``routing_algorithms()``) must pass
-:func:`torchcaps.testing.assert_routing_contract`, and every registered model (``list_models()``)
-:func:`torchcaps.testing.assert_model_contract` (forward/backward shapes, finite outputs and
-gradients, torch.compile, torch.export). A new routing or model is tested here as soon as it is
+:func:`torchcaps.testing.assert_routing_contract`, every matrix routing
+(``matrix_routing_algorithms()``) :func:`torchcaps.testing.assert_matrix_routing_contract`,
+and every registered model (``list_models()``) :func:`torchcaps.testing.assert_model_contract`
+(forward/backward shapes, finite outputs and gradients, torch.compile, torch.export). A new routing or model is tested here as soon as it is
 exported or registered; its own numbers go in ``tests/routing/`` or ``tests/models/``.
 
 A routing algorithm is built with the keyword arguments of its ``Routing.contract_kwargs(
@@ -20,11 +21,16 @@ import torch
 
 from torchcaps import Routing, squash
 from torchcaps.models import get_model, list_models
-from torchcaps.routing import routing_algorithms
-from torchcaps.testing import assert_model_contract, assert_routing_contract
+from torchcaps.routing import MatrixRouting, matrix_routing_algorithms, routing_algorithms
+from torchcaps.testing import (
+    assert_matrix_routing_contract,
+    assert_model_contract,
+    assert_routing_contract,
+)
 
 IN_CAPSULES, OUT_CAPSULES, DIM = 7, 4, 5  # the probe sizes passed to assert_routing_contract
 ROUTINGS = routing_algorithms()
+MATRIX_ROUTINGS = matrix_routing_algorithms()
 MODELS = list_models()
 
 
@@ -34,7 +40,7 @@ def build_for_contract(cls: type[Routing]) -> Routing:
 
 
 def test_there_is_something_to_check() -> None:
-    assert ROUTINGS and MODELS  # an empty parametrisation would pass silently
+    assert ROUTINGS and MATRIX_ROUTINGS and MODELS  # an empty parametrisation would pass
 
 
 @pytest.mark.parametrize("cls", list(ROUTINGS.values()), ids=list(ROUTINGS))
@@ -47,6 +53,21 @@ def test_routing_contract(cls: type[Routing], dtype: torch.dtype, atol: float) -
         in_capsules=IN_CAPSULES,
         out_capsules=OUT_CAPSULES,
         dim=DIM,
+        dtype=dtype,
+        atol=atol,
+    )
+
+
+@pytest.mark.parametrize("cls", list(MATRIX_ROUTINGS.values()), ids=list(MATRIX_ROUTINGS))
+@pytest.mark.parametrize(
+    ("dtype", "atol"), [(torch.float64, 1e-6), (torch.float32, 1e-5)], ids=["f64", "f32"]
+)
+def test_matrix_routing_contract(cls: type[MatrixRouting], dtype: torch.dtype, atol: float) -> None:
+    kwargs = cls.contract_kwargs(in_capsules=IN_CAPSULES, out_capsules=OUT_CAPSULES, pose_dim=16)
+    assert_matrix_routing_contract(
+        cls(**kwargs),
+        in_capsules=IN_CAPSULES,
+        out_capsules=OUT_CAPSULES,
         dtype=dtype,
         atol=atol,
     )

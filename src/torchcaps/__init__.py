@@ -17,7 +17,9 @@ from torchcaps.layers import Conv2dCaps, ConvCaps2d, DenseCaps
 from torchcaps.losses import MarginLoss, ReconstructionLoss
 from torchcaps.routing import (
     DynamicRouting,
+    EMRouting,
     InvertedDotProductRouting,
+    MatrixRouting,
     Routing,
     SelfAttentionRouting,
     resolve_routing,
@@ -28,9 +30,11 @@ __all__ = [
     "ConvCaps2d",
     "DenseCaps",
     "DynamicRouting",
+    "EMRouting",
     "InvertedDotProductRouting",
     "MarginLoss",
     "MaskedDecoder",
+    "MatrixRouting",
     "ReconstructionLoss",
     "Routing",
     "SelfAttentionRouting",

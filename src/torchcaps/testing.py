@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
 from torchcaps.routing.base import Routing
+from torchcaps.routing.matrix import MatrixRouting
 
-__all__ = ["assert_model_contract", "assert_routing_contract"]
+__all__ = ["assert_matrix_routing_contract", "assert_model_contract", "assert_routing_contract"]
 
 
 def _call(routing: torch.nn.Module, u_hat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -122,19 +125,156 @@ def assert_routing_contract(
     if not bool(torch.isfinite(grad).all()):
         raise AssertionError(f"{name}: gradient of v w.r.t. u_hat is not finite")
 
-    for bad, what in (
-        (torch.zeros(batch, in_capsules, out_capsules, dtype=dtype, device=device), "rank-3 u_hat"),
-        (torch.zeros(shape, dtype=torch.int64, device=device), "integer u_hat"),
+    rank3 = torch.zeros(batch, in_capsules, out_capsules, dtype=dtype, device=device)
+    integer = torch.zeros(shape, dtype=torch.int64, device=device)
+    _raises_value_or_type_error(name, "rank-3 u_hat", lambda: routing(rank3))
+    _raises_value_or_type_error(name, "integer u_hat", lambda: routing(integer))
+
+
+def _raises_value_or_type_error(name: str, what: str, call: Callable[[], object]) -> None:
+    try:
+        call()
+    except (ValueError, TypeError):
+        return
+    except Exception as exc:
+        raise AssertionError(
+            f"{name}: {what} must raise ValueError/TypeError, got {type(exc).__name__}: {exc}"
+        ) from exc
+    raise AssertionError(f"{name}: {what} must raise ValueError/TypeError, nothing was raised")
+
+
+def assert_matrix_routing_contract(
+    routing: MatrixRouting,
+    *,
+    batch: int = 3,
+    in_capsules: int = 7,
+    out_capsules: int = 4,
+    pose_dim: int = 16,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+    atol: float = 1e-6,
+    seed: int = 0,
+) -> None:
+    r"""Check that ``routing`` follows the :class:`~torchcaps.routing.MatrixRouting` contract.
+
+    Raises :class:`AssertionError` naming the first broken rule. Checked on random votes of
+    shape ``(batch, in_capsules, out_capsules, pose_dim)`` and activations in (0, 1):
+
+    1. ``routing(votes, activations)`` returns ``(poses, activations)`` of shapes
+       ``(B, N_out, P)`` and ``(B, N_out)`` in the votes' dtype, finite, activations in [0, 1];
+    2. with ``return_coupling=True`` also ``R`` of shape ``(B, N_in, N_out)``, non-negative
+       and summing to 1 over the parents, and the same poses and activations;
+    3. the examples of a batch are routed independently;
+    4. the children are a set: permuting them (votes and activations together) permutes the
+       rows of ``R`` and changes neither the poses nor the activations;
+    5. gradients flow from the poses and the activations back to the votes and the input
+       activations, and are finite;
+    6. malformed input (rank-3 votes, integer votes, activations of another shape) raises
+       :class:`ValueError` or :class:`TypeError`.
+
+    A routing with per-parent parameters must be built for ``out_capsules`` parents.
+
+    Args:
+        routing: the routing module to check.
+        batch: batch size :math:`B` of the probe input.
+        in_capsules: :math:`N_{in}` of the probe input.
+        out_capsules: :math:`N_{out}` of the probe input.
+        pose_dim: :math:`P` of the probe input.
+        dtype: dtype of the probe input.
+        device: device of the probe input.
+        atol: absolute tolerance of the comparisons.
+        seed: seed of the probe input.
+
+    Examples:
+        >>> from torchcaps import EMRouting
+        >>> from torchcaps.testing import assert_matrix_routing_contract
+        >>> assert_matrix_routing_contract(EMRouting(out_capsules=4))  # passes silently
+    """
+    name = type(routing).__name__
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (batch, in_capsules, out_capsules, pose_dim)
+    votes = torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    acts = torch.rand(batch, in_capsules, generator=gen, dtype=torch.float64)
+    acts = acts.to(device=device, dtype=dtype)
+    votes.requires_grad_(True)
+    acts.requires_grad_(True)
+
+    out = routing(votes, acts)
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise AssertionError(f"{name}: forward must return (poses, activations)")
+    poses, a_out = out
+    for what, t, want in (
+        ("poses", poses, (batch, out_capsules, pose_dim)),
+        ("activations", a_out, (batch, out_capsules)),
     ):
-        try:
-            routing(bad)
-        except (ValueError, TypeError):
-            continue
-        except Exception as exc:
+        if tuple(t.shape) != want:
+            raise AssertionError(f"{name}: {what} must have shape {want}, got {tuple(t.shape)}")
+        if t.dtype != votes.dtype:
+            raise AssertionError(f"{name}: {what} must have the votes' dtype {votes.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise AssertionError(f"{name}: {what} have non-finite values for finite input")
+    if bool(((a_out < -atol) | (a_out > 1 + atol)).any()):
+        raise AssertionError(f"{name}: output activations must lie in [0, 1]")
+
+    poses2, a_out2, r = routing(votes, acts, return_coupling=True)
+    if not (
+        torch.allclose(poses, poses2, atol=atol, rtol=0)
+        and torch.allclose(a_out, a_out2, atol=atol, rtol=0)
+    ):
+        raise AssertionError(f"{name}: outputs differ between return_coupling=False and True")
+    if tuple(r.shape) != (batch, in_capsules, out_capsules):
+        raise AssertionError(
+            f"{name}: R must have shape {(batch, in_capsules, out_capsules)}, got {tuple(r.shape)}"
+        )
+    if bool((r < -atol).any()):
+        raise AssertionError(f"{name}: assignments R must be >= 0")
+    ones = torch.ones(batch, in_capsules, dtype=r.dtype, device=r.device)
+    if not torch.allclose(
+        r.sum(dim=-1), ones, atol=max(atol, 1e-3 if dtype != torch.float64 else atol)
+    ):
+        raise AssertionError(f"{name}: assignments R must sum to 1 over the parents")
+
+    for k in range(batch):
+        p_k, a_k = routing(votes[k : k + 1], acts[k : k + 1])
+        if not (
+            torch.allclose(p_k[0], poses[k], atol=atol * 10, rtol=1e-4)
+            and torch.allclose(a_k[0], a_out[k], atol=atol * 10, rtol=1e-4)
+        ):
             raise AssertionError(
-                f"{name}: {what} must raise ValueError/TypeError, got {type(exc).__name__}: {exc}"
-            ) from exc
-        raise AssertionError(f"{name}: {what} must raise ValueError/TypeError, nothing was raised")
+                f"{name}: example {k} routed alone differs from the batch: "
+                "batch elements must be independent"
+            )
+
+    perm = torch.randperm(in_capsules, generator=gen).to(device)
+    p_perm, a_perm, r_perm = routing(votes[:, perm], acts[:, perm], return_coupling=True)
+    if not (
+        torch.allclose(p_perm, poses, atol=atol * 10, rtol=1e-4)
+        and torch.allclose(a_perm, a_out, atol=atol * 10, rtol=1e-4)
+        and torch.allclose(r_perm, r[:, perm], atol=atol * 10, rtol=1e-4)
+    ):
+        raise AssertionError(
+            f"{name}: permuting the children must permute R and leave the parents unchanged"
+        )
+
+    loss = poses.square().sum() + a_out.sum()
+    grads = (
+        torch.autograd.grad(loss, (votes, acts), allow_unused=True)
+        if loss.requires_grad
+        else (None, None)
+    )
+    for what, g in zip(("votes", "activations"), grads, strict=True):
+        if g is None:
+            raise AssertionError(f"{name}: no gradient flows back to the input {what}")
+        if not bool(torch.isfinite(g).all()):
+            raise AssertionError(f"{name}: the gradient w.r.t. the input {what} is not finite")
+
+    plain = votes.detach()
+    flat_acts = acts.detach()
+    _raises_value_or_type_error(name, "rank-3 votes", lambda: routing(plain[..., 0], flat_acts))
+    _raises_value_or_type_error(name, "integer votes", lambda: routing(plain.long(), flat_acts))
+    _raises_value_or_type_error(
+        name, "activations of another shape", lambda: routing(plain, flat_acts[:, :-1])
+    )
 
 
 def _fields(out: object, name: str) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -1,22 +1,84 @@
-"""Turn a routing name or instance into a :class:`~torchcaps.routing.Routing` module."""
+"""Turn a routing name or instance into a routing module.
+
+Two families, each with its own contract: :class:`~torchcaps.routing.Routing` (prediction
+vectors in, parent capsules out) and :class:`~torchcaps.routing.MatrixRouting` (votes and
+activations in, poses and activations out). The algorithms of each are found, not listed: every
+subclass that :mod:`torchcaps.routing` exports in its ``__all__``.
+"""
 
 from __future__ import annotations
 
 import re
 import sys
-from typing import Any
+from typing import Any, TypeVar
 
 from torchcaps.routing.base import Routing
+from torchcaps.routing.matrix import MatrixRouting
 
-__all__ = ["resolve_routing", "routing_algorithms", "routing_choices", "routing_class"]
+__all__ = [
+    "matrix_routing_algorithms",
+    "matrix_routing_choices",
+    "resolve_matrix_routing",
+    "resolve_routing",
+    "routing_algorithms",
+    "routing_choices",
+    "routing_class",
+]
+
+_R = TypeVar("_R", Routing, MatrixRouting)
 
 
 def _normalise(name: str) -> str:
     return name.lower().replace("-", "").replace("_", "").replace(" ", "")
 
 
+def _algorithms(base: type[_R]) -> dict[str, type[_R]]:
+    package = sys.modules["torchcaps.routing"]
+    found: dict[str, type[_R]] = {}
+    for export in package.__all__:
+        obj = getattr(package, export)
+        if isinstance(obj, type) and issubclass(obj, base) and obj is not base:
+            found[_normalise(obj.__name__)] = obj
+    return found
+
+
+def _snake_case(name: str) -> str:
+    """Class name to snake case; acronyms stay whole: ``EMRouting`` -> ``em_routing``."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
+def _choices(base: type[_R]) -> list[str]:
+    names = (_snake_case(cls.__name__) for cls in _algorithms(base).values())
+    return sorted(name.removesuffix("_routing") for name in names)
+
+
+def _class(name: Any, base: type[_R]) -> type[_R]:
+    if not isinstance(name, str):
+        raise TypeError(
+            f"routing must be a {base.__name__} instance or a name from {_choices(base)}, "
+            f"got {type(name).__name__}"
+        )
+    key = _normalise(name)
+    algorithms = _algorithms(base)
+    cls = algorithms.get(key) or algorithms.get(key + "routing")
+    if cls is None:
+        raise ValueError(f"could not resolve routing {name!r}; choices: {_choices(base)}")
+    return cls
+
+
+def _resolve(routing: Any, base: type[_R], kwargs: dict[str, Any]) -> _R:
+    if isinstance(routing, base):
+        if kwargs:
+            raise ValueError(
+                f"routing_kwargs {sorted(kwargs)} can only be used with a routing name, "
+                f"got an instance of {type(routing).__name__}"
+            )
+        return routing
+    return _class(routing, base)(**kwargs)
+
+
 def routing_algorithms() -> dict[str, type[Routing]]:
-    """Every routing algorithm of :mod:`torchcaps.routing`, by its normalised class name.
+    """Every :class:`Routing` algorithm of :mod:`torchcaps.routing`, by normalised class name.
 
     Found, not listed by hand: every :class:`Routing` subclass that :mod:`torchcaps.routing`
     exports in its ``__all__``. Adding an algorithm is one file plus one export.
@@ -26,13 +88,7 @@ def routing_algorithms() -> dict[str, type[Routing]]:
         >>> routing_algorithms()["dynamicrouting"].__name__
         'DynamicRouting'
     """
-    package = sys.modules["torchcaps.routing"]
-    found: dict[str, type[Routing]] = {}
-    for export in package.__all__:
-        obj = getattr(package, export)
-        if isinstance(obj, type) and issubclass(obj, Routing) and obj is not Routing:
-            found[_normalise(obj.__name__)] = obj
-    return found
+    return _algorithms(Routing)
 
 
 def routing_choices() -> list[str]:
@@ -43,11 +99,7 @@ def routing_choices() -> list[str]:
         >>> routing_choices()
         ['dynamic', 'inverted_dot_product', 'self_attention']
     """
-    names = (
-        re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
-        for cls in routing_algorithms().values()
-    )
-    return sorted(name.removesuffix("_routing") for name in names)
+    return _choices(Routing)
 
 
 def routing_class(name: str) -> type[Routing]:
@@ -62,17 +114,7 @@ def routing_class(name: str) -> type[Routing]:
         >>> routing_class("inverted-dot-product").__name__
         'InvertedDotProductRouting'
     """
-    if not isinstance(name, str):
-        raise TypeError(
-            f"routing must be a Routing instance or a name from {routing_choices()}, "
-            f"got {type(name).__name__}"
-        )
-    key = _normalise(name)
-    algorithms = routing_algorithms()
-    cls = algorithms.get(key) or algorithms.get(key + "routing")
-    if cls is None:
-        raise ValueError(f"could not resolve routing {name!r}; choices: {routing_choices()}")
-    return cls
+    return _class(name, Routing)
 
 
 def resolve_routing(routing: str | Routing, **kwargs: Any) -> Routing:
@@ -93,11 +135,39 @@ def resolve_routing(routing: str | Routing, **kwargs: Any) -> Routing:
         >>> resolve_routing("Dynamic-Routing", iterations=1)
         DynamicRouting(iterations=1)
     """
-    if isinstance(routing, Routing):
-        if kwargs:
-            raise ValueError(
-                f"routing_kwargs {sorted(kwargs)} can only be used with a routing name, "
-                f"got an instance of {type(routing).__name__}"
-            )
-        return routing
-    return routing_class(routing)(**kwargs)
+    return _resolve(routing, Routing, kwargs)
+
+
+def matrix_routing_algorithms() -> dict[str, type[MatrixRouting]]:
+    """Every :class:`MatrixRouting` algorithm of :mod:`torchcaps.routing`, by class name.
+
+    Found as :func:`routing_algorithms` finds the :class:`Routing` ones.
+
+    Examples:
+        >>> from torchcaps.routing import matrix_routing_algorithms
+        >>> matrix_routing_algorithms()["emrouting"].__name__
+        'EMRouting'
+    """
+    return _algorithms(MatrixRouting)
+
+
+def matrix_routing_choices() -> list[str]:
+    """The names :func:`resolve_matrix_routing` accepts.
+
+    Examples:
+        >>> from torchcaps.routing import matrix_routing_choices
+        >>> matrix_routing_choices()
+        ['em']
+    """
+    return _choices(MatrixRouting)
+
+
+def resolve_matrix_routing(routing: str | MatrixRouting, **kwargs: Any) -> MatrixRouting:
+    """Resolve ``routing`` to a :class:`MatrixRouting` instance, as :func:`resolve_routing`.
+
+    Examples:
+        >>> from torchcaps.routing import resolve_matrix_routing
+        >>> resolve_matrix_routing("em", out_capsules=5, iterations=2)
+        EMRouting(out_capsules=5, iterations=2, final_lambda=0.01, eps=0.0001, mass_scale=100.0)
+    """
+    return _resolve(routing, MatrixRouting, kwargs)
