@@ -1,4 +1,5 @@
-"""torchcaps.losses: MarginLoss and ReconstructionLoss, and the margin_loss function they call.
+"""torchcaps.losses: MarginLoss, ReconstructionLoss and SpreadLoss, the functions they call,
+and the spread loss margin schedule.
 
 The modules call the public functional forms, so errors raised while validating forward()
 inputs name the function (``margin_loss: ...``); constructor errors name the class.
@@ -6,18 +7,19 @@ inputs name the function (``margin_loss: ...``); constructor errors name the cla
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.autograd import gradcheck
 
 from _strategies import BAD_FLOATS, RAISED, check_call, check_margin, margin_case
 from reference import margin_ref
-from torchcaps import MarginLoss, ReconstructionLoss
-from torchcaps.functional import margin_loss, reconstruction_loss
+from torchcaps import MarginLoss, ReconstructionLoss, ShapeError, SpreadLoss, spread_margin
+from torchcaps.functional import margin_loss, reconstruction_loss, spread_loss
 
 
 def test_margin_hand_computed() -> None:
@@ -172,3 +174,95 @@ def test_fuzz_reconstruction_loss_module_options(data: st.DataObject) -> None:
     check_call(
         "ReconstructionLoss", lambda: ReconstructionLoss(**{broken: value}), broken, repr(value)
     )
+
+
+# -- spread loss ------------------------------------------------------------------------------
+def _spread_ref(a: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Tensor:
+    """Per-sample sum over the wrong classes i of max(0, m - (a_t - a_i))^2, explicit loops."""
+    out = torch.zeros(a.shape[0], dtype=torch.float64)
+    for b in range(a.shape[0]):
+        t = int(target[b])
+        for i in range(a.shape[1]):
+            if i != t:
+                out[b] += max(0.0, margin - (float(a[b, t]) - float(a[b, i]))) ** 2
+    return out
+
+
+def test_spread_hand_computed() -> None:
+    a = torch.tensor([[0.9, 0.1, 0.8], [0.2, 0.5, 0.4], [0.0, 1.0, 0.0]])
+    target = torch.tensor([0, 1, 0])
+    # sample 0: class 2 within 0.1 of the target (0.2 - 0.1)^2; class 1 0.8 below: 0
+    # sample 1: class 2 (0.2 - 0.1)^2, class 0 (0.2 - 0.3 < 0): 0; sample 2: (0.2 + 1)^2 + 0.2^2
+    expected = torch.tensor([0.01, 0.01, 1.44 + 0.04])
+    got = SpreadLoss(0.2, reduction="none")(a, target)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(spread_loss(a, target), expected.mean())
+    torch.testing.assert_close(spread_loss(a, target, reduction="sum"), expected.sum())
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 7), st.integers(0, 10_000), st.floats(0.0, 1.0))
+def test_spread_matches_reference(batch: int, k: int, seed: int, margin: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(batch, k, generator=g, dtype=torch.float64)
+    target = torch.randint(0, k, (batch,), generator=g)
+    got = spread_loss(a, target, margin, reduction="none")
+    torch.testing.assert_close(got, _spread_ref(a, target, margin))
+    assert bool((got >= 0).all())
+
+
+def test_spread_margin_is_a_settable_attribute() -> None:
+    loss = SpreadLoss()
+    a, target = torch.tensor([[0.6, 0.2]]), torch.tensor([0])
+    assert float(loss(a, target)) == 0.0  # 0.4 apart: beyond a margin of 0.2
+    loss.margin = 0.9
+    torch.testing.assert_close(loss(a, target), torch.tensor(0.5**2))
+    assert "margin=0.9" in repr(loss)
+
+
+def test_spread_gradcheck_and_half_precision() -> None:
+    a = torch.rand(4, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 3, 4, 1])
+    assert gradcheck(lambda x: spread_loss(x, target, 0.7), (a,))
+    half = spread_loss(a.detach().bfloat16(), target, 0.7)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(
+        half.double(), spread_loss(a.detach(), target, 0.7), atol=0.02, rtol=0.02
+    )
+
+
+def test_spread_margin_schedules() -> None:
+    assert spread_margin(0, 1000) == 0.2 and spread_margin(1000, 1000) == 0.9
+    assert spread_margin(250, 1000) == pytest.approx(0.375)
+    assert spread_margin(5000, 1000) == 0.9  # held after the ramp
+    assert spread_margin(10, 20, start=0.0, end=1.0) == pytest.approx(0.5)
+    for step in (0, 100_000, 200_000, 500_000, 10**7):
+        expected = 0.2 + 0.79 / (1 + math.exp(-min(10.0, step / 50_000 - 4)))
+        assert spread_margin(step, schedule="authors") == pytest.approx(expected)
+    assert spread_margin(10**9, schedule="authors") == pytest.approx(
+        0.2 + 0.79 / (1 + math.exp(-10))
+    )
+
+
+def test_spread_bad_input() -> None:
+    a = torch.rand(3, 4)
+    with pytest.raises(ShapeError, match=r"target of shape \(3,\), got \(2,\)"):
+        spread_loss(a, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"target must hold class indices in \[0, 3\]"):
+        spread_loss(a, torch.tensor([0, 1, 4]))
+    with pytest.raises(TypeError, match="target"):
+        spread_loss(a, torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(ShapeError, match="activations"):
+        spread_loss(a[0], torch.tensor([0]))
+    with pytest.raises(TypeError, match="activations must be a real floating-point tensor"):
+        spread_loss(a.long(), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="margin must be finite"):
+        SpreadLoss(float("nan"))
+    with pytest.raises(ValueError, match="reduction"):
+        SpreadLoss(reduction="avg")
+    with pytest.raises(TypeError, match="needs total_steps"):
+        spread_margin(3)
+    with pytest.raises(ValueError, match="step"):
+        spread_margin(-1, 10)
+    with pytest.raises(ValueError, match="schedule"):
+        spread_margin(1, 10, schedule="cosine")  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ from torchcaps.decoders import MaskedDecoder
 from torchcaps.errors import ShapeError
 from torchcaps.functional import capsule_lengths, exp_squash, squash
 from torchcaps.layers import Conv2dCaps, ConvCaps2d, DenseCaps
-from torchcaps.losses import MarginLoss, ReconstructionLoss
+from torchcaps.losses import MarginLoss, ReconstructionLoss, SpreadLoss, spread_margin
 from torchcaps.routing import (
     DynamicRouting,
     EMRouting,
@@ -39,6 +39,7 @@ __all__ = [
     "Routing",
     "SelfAttentionRouting",
     "ShapeError",
+    "SpreadLoss",
     "__version__",
     "capsule_lengths",
     "errors",
@@ -48,6 +49,7 @@ __all__ = [
     "models",
     "resolve_routing",
     "routing",
+    "spread_margin",
     "squash",
     "testing",
 ]

@@ -29,6 +29,7 @@ __all__ = [
     "margin_loss",
     "mask_capsules",
     "reconstruction_loss",
+    "spread_loss",
     "squash",
 ]
 
@@ -271,6 +272,63 @@ def margin_loss(
     loss = (present + absent).sum(dim=1)
     return _reduce(loss, reduction, owner=owner).to(
         torch.promote_types(lengths.dtype, torch.float32)
+    )
+
+
+def spread_loss(
+    activations: Tensor, target: Tensor, margin: float = 0.2, reduction: str = "mean"
+) -> Tensor:
+    r"""Spread loss of matrix capsules (Hinton et al. 2018), summed over the wrong classes.
+
+    .. math::
+        L = \sum_{i \ne t} \max\big(0, m - (a_t - a_i)\big)^2
+
+    per sample, with :math:`a_t` the activation of the target class: every wrong class whose
+    activation is not at least :math:`m` below the target's is penalised quadratically. The
+    paper raises :math:`m` from 0.2 to 0.9 during training (:func:`torchcaps.spread_margin`).
+    Computed in float32 for half-precision inputs.
+
+    Args:
+        activations: class activations :math:`a`, e.g. of a class-capsule layer.
+        target: class indices.
+        margin: :math:`m`.
+        reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"`` for per-sample losses.
+
+    Shape:
+        - activations: :math:`(B, K)`.
+        - target: :math:`(B,)` integer class indices in :math:`[0, K)`.
+        - Output: scalar, or :math:`(B,)` with ``reduction="none"``.
+
+    Examples:
+        >>> import torch
+        >>> from torchcaps.functional import spread_loss
+        >>> a = torch.tensor([[0.9, 0.1, 0.8], [0.2, 0.5, 0.4]])
+        >>> spread_loss(a, torch.tensor([0, 1]), margin=0.2, reduction="none")  # 0.1**2; 0.1**2
+        tensor([0.0100, 0.0100])
+    """
+    owner = "spread_loss"
+    check_tensor("activations", activations, owner=owner)
+    check_shape(activations, "B K", name="activations", owner=owner, note=" with K >= 1 classes")
+    check_float("margin", margin, owner=owner)
+    check_choice("reduction", reduction, REDUCTIONS, owner=owner)
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{owner}: target must be a torch.Tensor, got {type(target).__name__}")
+    batch, k = activations.shape
+    check_shape(
+        target,
+        "B",
+        name="target",
+        owner=f"{owner} (for activations of shape {shape_str(activations.shape)})",
+        B=batch,
+    )
+    check_index_tensor("target", target, owner=owner)
+    check_indices_in_range("target", target, k, owner=owner)
+    a = float32_compute(activations)
+    a_t = a.gather(1, target.long().unsqueeze(1))
+    wrong = 1.0 - F.one_hot(target.long(), k).to(a.dtype)
+    loss = (wrong * F.relu(margin - (a_t - a)).square()).sum(dim=1)
+    return _reduce(loss, reduction, owner=owner).to(
+        torch.promote_types(activations.dtype, torch.float32)
     )
 
 

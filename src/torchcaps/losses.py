@@ -1,13 +1,16 @@
-"""Losses of capsule networks: :class:`MarginLoss` and :class:`ReconstructionLoss`."""
+"""Losses of capsule networks: margin, reconstruction and spread loss (and its margin schedule)."""
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 from torch import Tensor, nn
 
-from torchcaps._checks import check_choice, check_float
-from torchcaps.functional import REDUCTIONS, margin_loss, reconstruction_loss
+from torchcaps._checks import check_choice, check_float, check_int
+from torchcaps.functional import REDUCTIONS, margin_loss, reconstruction_loss, spread_loss
 
-__all__ = ["MarginLoss", "ReconstructionLoss"]
+__all__ = ["MarginLoss", "ReconstructionLoss", "SpreadLoss", "spread_margin"]
 
 
 class MarginLoss(nn.Module):
@@ -99,3 +102,85 @@ class ReconstructionLoss(nn.Module):
     def forward(self, reconstruction: Tensor, target: Tensor) -> Tensor:
         """Compute the weighted reconstruction error."""
         return reconstruction_loss(reconstruction, target, self.weight, self.reduction)
+
+
+class SpreadLoss(nn.Module):
+    r"""Spread loss on class activations (Hinton et al. 2018), for matrix capsules.
+
+    See :func:`torchcaps.functional.spread_loss`:
+
+    .. math::
+        L = \sum_{i \ne t} \max\big(0, m - (a_t - a_i)\big)^2
+
+    ``margin`` is a plain attribute, to be raised during training (the paper: linearly from
+    0.2 to 0.9), e.g. ``loss.margin = spread_margin(step, total_steps)``.
+
+    Args:
+        margin: :math:`m`.
+        reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"``.
+
+    Shape:
+        - activations: :math:`(B, K)`.
+        - target: :math:`(B,)` class indices.
+        - Output: scalar, or :math:`(B,)` with ``reduction="none"``.
+
+    Examples:
+        >>> import torch
+        >>> from torchcaps import SpreadLoss, spread_margin
+        >>> loss = SpreadLoss()
+        >>> a = torch.tensor([[0.9, 0.1, 0.8], [0.2, 0.5, 0.4]])
+        >>> loss(a, torch.tensor([0, 1]))  # (0.1**2 + 0.1**2) / 2
+        tensor(0.0100)
+        >>> loss.margin = spread_margin(500, total_steps=1000)  # halfway: 0.55
+        >>> round(loss.margin, 2)
+        0.55
+    """
+
+    def __init__(self, margin: float = 0.2, reduction: str = "mean") -> None:
+        super().__init__()
+        self.margin = check_float("margin", margin, owner="SpreadLoss")
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS, owner="SpreadLoss")
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, reduction={self.reduction!r}"
+
+    def forward(self, activations: Tensor, target: Tensor) -> Tensor:
+        """Compute the loss of ``activations`` against ``target`` at the current margin."""
+        return spread_loss(activations, target, self.margin, self.reduction)
+
+
+def spread_margin(
+    step: int,
+    total_steps: int | None = None,
+    *,
+    schedule: Literal["linear", "authors"] = "linear",
+    start: float = 0.2,
+    end: float = 0.9,
+) -> float:
+    r"""The spread loss margin after ``step`` training steps.
+
+    - ``"linear"`` (the paper's text): from ``start`` to ``end`` over ``total_steps``, then held:
+      :math:`m = m_0 + (m_1 - m_0) \min(1, \text{step} / \text{total})`.
+    - ``"authors"`` (the authors' schedule, quoted in IBM's reproduction, for batches of 64):
+      :math:`m = 0.2 + 0.79\, \operatorname{sigmoid}(\min(10, \text{step} / 50000 - 4))`;
+      ``total_steps``, ``start`` and ``end`` are not used.
+
+    Examples:
+        >>> from torchcaps import spread_margin
+        >>> spread_margin(0, 100), spread_margin(100, 100), spread_margin(300, 100)
+        (0.2, 0.9, 0.9)
+        >>> round(spread_margin(200_000, schedule="authors"), 3)
+        0.595
+    """
+    owner = "spread_margin"
+    step = check_int("step", step, minimum=0, owner=owner)
+    check_choice("schedule", schedule, ("linear", "authors"), owner=owner)
+    if schedule == "authors":
+        return 0.2 + 0.79 / (1.0 + math.exp(-min(10.0, step / 50_000 - 4.0)))
+    if total_steps is None:
+        raise TypeError(f"{owner}: the linear schedule needs total_steps")
+    total = check_int("total_steps", total_steps, owner=owner)
+    start = check_float("start", start, owner=owner)
+    end = check_float("end", end, owner=owner)
+    f = min(1.0, step / total)
+    return (1.0 - f) * start + f * end  # exactly start and end at the ends
