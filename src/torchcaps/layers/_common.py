@@ -1,10 +1,12 @@
-"""Pieces the capsule layers share: the batched predictions and the output grid size."""
+"""Pieces the capsule layers share: predictions, capsule windows, grid sizes, routing."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from torchcaps._checks import float32_compute, no_autocast
@@ -39,6 +41,44 @@ def output_size(
     h = (height + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
     w = (width + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
     return h, w
+
+
+def capsule_windows(
+    inp: Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+) -> tuple[Tensor, int, int]:
+    """The children of every output position of a capsule grid, and the output grid size.
+
+    ``inp`` (B, N, H, W, D) -> ``(B * H' * W', kH * kW * N, D)``, rows ordered (b, h', w'),
+    children ordered (kernel row, kernel column, capsule type); padding adds zero capsules.
+    """
+    b, n, _, _, d = inp.shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    x = F.pad(inp, (0, 0, pw, pw, ph, ph))  # zero capsules around the grid
+    x = x.unfold(2, kh, sh).unfold(3, kw, sw)  # (B, N, H', W', D, kH, kW)
+    h_out, w_out = x.shape[2], x.shape[3]
+    x = x.permute(0, 2, 3, 5, 6, 1, 4)  # (B, H', W', kH, kW, N, D)
+    return x.reshape(b * h_out * w_out, kh * kw * n, d), h_out, w_out
+
+
+_R = TypeVar("_R")
+
+
+def layer_routing(
+    routing: Any,
+    routing_kwargs: Any,
+    resolve: Callable[..., _R],
+    *,
+    owner: str,
+) -> _R:
+    """``resolve(routing, **routing_kwargs)``, after checking that ``routing_kwargs`` is a dict."""
+    if routing_kwargs is not None and not isinstance(routing_kwargs, dict):
+        raise TypeError(
+            f"{owner}: routing_kwargs must be a dict or None, got {type(routing_kwargs).__name__}"
+        )
+    return resolve(routing, **(routing_kwargs or {}))
 
 
 def route_in_chunks(

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Literal, overload
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchcaps._checks import (
@@ -19,7 +18,13 @@ from torchcaps._checks import (
     shape_str,
 )
 from torchcaps.errors import ShapeError
-from torchcaps.layers._common import output_size, predictions, route_in_chunks
+from torchcaps.layers._common import (
+    capsule_windows,
+    layer_routing,
+    output_size,
+    predictions,
+    route_in_chunks,
+)
 from torchcaps.routing import Routing, resolve_routing
 
 __all__ = ["ConvCaps2d"]
@@ -104,12 +109,7 @@ class ConvCaps2d(nn.Module):
         self.kernel_size = check_pair("kernel_size", kernel_size, minimum=1, owner=owner)
         self.stride = check_pair("stride", stride, minimum=1, owner=owner)
         self.padding = check_pair("padding", padding, minimum=0, owner=owner)
-        if routing_kwargs is not None and not isinstance(routing_kwargs, dict):
-            raise TypeError(
-                f"{owner}: routing_kwargs must be a dict or None, "
-                f"got {type(routing_kwargs).__name__}"
-            )
-        self.routing = resolve_routing(routing, **(routing_kwargs or {}))
+        self.routing = layer_routing(routing, routing_kwargs, resolve_routing, owner=owner)
         kh, kw = self.kernel_size
         # Stored as (kH*kW*N_in, D_in, N_out*D_out): one batched matmul over the children.
         self.weight = nn.Parameter(
@@ -149,16 +149,6 @@ class ConvCaps2d(nn.Module):
         """Spatial size :math:`(H', W')` of the output grid for an input of ``height x width``."""
         return output_size(height, width, self.kernel_size, self.stride, self.padding)
 
-    def _windows(self, inp: Tensor) -> Tensor:
-        """The children of every output position: ``(B * H' * W', kH * kW * N_in, D_in)``."""
-        b = inp.shape[0]
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        x = F.pad(inp, (0, 0, pw, pw, ph, ph))  # zero capsules around the grid
-        x = x.unfold(2, kh, sh).unfold(3, kw, sw)  # (B, N, H', W', D, kH, kW)
-        h_out, w_out = x.shape[2], x.shape[3]
-        x = x.permute(0, 2, 3, 5, 6, 1, 4)  # (B, H', W', kH, kW, N, D)
-        return x.reshape(b * h_out * w_out, self.window_capsules, self.in_dim)
-
     def _predict(self, u: Tensor) -> Tensor:
         """Predictions ``(rows, K, N_out, D_out)`` of children ``u`` ``(rows, K, D_in)``."""
         return predictions(u, self.weight, self.out_capsules, self.out_dim)
@@ -190,7 +180,7 @@ class ConvCaps2d(nn.Module):
             )
         out_dtype = autocast_dtype_out(inp)
         b = inp.shape[0]
-        u = self._windows(inp)
+        u, _, _ = capsule_windows(inp, self.kernel_size, self.stride, self.padding)
         per_row = self.window_capsules * self.out_capsules * self.out_dim * 4
         # Under torch.compile/export one piece: a chunk count that depends on the batch would
         # specialise the graph to a range of batch sizes.

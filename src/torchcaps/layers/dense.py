@@ -16,7 +16,7 @@ from torchcaps._checks import (
     shape_str,
 )
 from torchcaps.errors import ShapeError
-from torchcaps.layers._common import predictions, route_in_chunks
+from torchcaps.layers._common import layer_routing, predictions, route_in_chunks
 from torchcaps.routing import Routing, resolve_routing
 
 __all__ = ["DenseCaps"]
@@ -103,12 +103,7 @@ class DenseCaps(nn.Module):
         self.in_dim = check_int("in_dim", in_dim, owner=owner)
         self.out_capsules = check_int("out_capsules", out_capsules, owner=owner)
         self.out_dim = check_int("out_dim", out_dim, owner=owner)
-        if routing_kwargs is not None and not isinstance(routing_kwargs, dict):
-            raise TypeError(
-                f"{owner}: routing_kwargs must be a dict or None, "
-                f"got {type(routing_kwargs).__name__}"
-            )
-        self.routing = resolve_routing(routing, **(routing_kwargs or {}))
+        self.routing = layer_routing(routing, routing_kwargs, resolve_routing, owner=owner)
         # Stored as (N_in, D_in, N_out * D_out): one batched matmul over the input capsules.
         self.weight = nn.Parameter(
             torch.empty(in_capsules, in_dim, out_capsules * out_dim, device=device, dtype=dtype)
