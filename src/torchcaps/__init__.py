@@ -13,7 +13,15 @@ from torchcaps._version import __version__
 from torchcaps.decoders import MaskedDecoder
 from torchcaps.errors import ShapeError
 from torchcaps.functional import capsule_lengths, exp_squash, squash
-from torchcaps.layers import Conv2dCaps, ConvCaps2d, DenseCaps
+from torchcaps.layers import (
+    ClassMatrixCaps,
+    Conv2dCaps,
+    ConvCaps2d,
+    ConvMatrixCaps2d,
+    DenseCaps,
+    MatrixCapsules,
+    PrimaryMatrixCaps,
+)
 from torchcaps.losses import MarginLoss, ReconstructionLoss, SpreadLoss, spread_margin
 from torchcaps.routing import (
     DynamicRouting,
@@ -26,15 +34,19 @@ from torchcaps.routing import (
 )
 
 __all__ = [
+    "ClassMatrixCaps",
     "Conv2dCaps",
     "ConvCaps2d",
+    "ConvMatrixCaps2d",
     "DenseCaps",
     "DynamicRouting",
     "EMRouting",
     "InvertedDotProductRouting",
     "MarginLoss",
     "MaskedDecoder",
+    "MatrixCapsules",
     "MatrixRouting",
+    "PrimaryMatrixCaps",
     "ReconstructionLoss",
     "Routing",
     "SelfAttentionRouting",
