@@ -7,8 +7,8 @@ layers pass both together as a :class:`MatrixCapsules` pair, so they compose in
 :class:`~torchcaps.routing.EMRouting`) turns votes and activations into the parents.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: the NamedTuple's field types stay real classes, which
+# the API docs resolve.
 from typing import Any, Literal, NamedTuple
 
 import torch

@@ -77,7 +77,7 @@ class ConvCapsNet(nn.Module):
         >>> out.scores.shape, out.capsules.shape
         (torch.Size([2, 10]), torch.Size([2, 10, 16]))
         >>> ConvCapsNet(routing="self_attention").convcaps.routing
-        SelfAttentionRouting(learned_prior=None)
+        SelfAttentionRouting()
     """
 
     decoder: MaskedDecoder | None
