@@ -246,7 +246,10 @@ def test_spread_margin_schedules() -> None:
 
 def test_spread_bad_input() -> None:
     a = torch.rand(3, 4)
-    with pytest.raises(ShapeError, match=r"target of shape \(3,\), got \(2,\)"):
+    with pytest.raises(
+        ShapeError,
+        match=r"target of shape \(3,\) \(one class index per row of activations\), got \(2,\)",
+    ):
         spread_loss(a, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=r"target must hold class indices in \[0, 3\]"):
         spread_loss(a, torch.tensor([0, 1, 4]))

@@ -318,7 +318,8 @@ def spread_loss(
         target,
         "B",
         name="target",
-        owner=f"{owner} (for activations of shape {shape_str(activations.shape)})",
+        owner=owner,
+        note=" (one class index per row of activations)",
         B=batch,
     )
     check_index_tensor("target", target, owner=owner)

@@ -22,17 +22,29 @@ from torchcaps.models._api import (
 from torchcaps.models.capsnet import CapsNet, capsnet_mnist
 from torchcaps.models.convcaps import ConvCapsNet, convcaps_mnist
 from torchcaps.models.efficient_capsnet import EfficientCapsNet, efficient_capsnet_mnist
+from torchcaps.models.matrix_capsnet import (
+    MatrixCapsNet,
+    matrix_capsnet_mnist,
+    matrix_capsnet_small_mnist,
+    matrix_capsnet_small_smallnorb,
+    matrix_capsnet_smallnorb,
+)
 
 __all__ = [
     "CapsNet",
     "CapsuleOutput",
     "ConvCapsNet",
     "EfficientCapsNet",
+    "MatrixCapsNet",
     "capsnet_mnist",
     "convcaps_mnist",
     "efficient_capsnet_mnist",
     "get_model",
     "get_model_builder",
     "list_models",
+    "matrix_capsnet_mnist",
+    "matrix_capsnet_small_mnist",
+    "matrix_capsnet_small_smallnorb",
+    "matrix_capsnet_smallnorb",
     "register_model",
 ]

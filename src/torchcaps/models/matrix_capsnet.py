@@ -1,0 +1,199 @@
+"""The matrix-capsule network of Hinton, Sabour & Frosst (2018), assembled from torchcaps layers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchcaps._checks import check_int
+from torchcaps.layers import ClassMatrixCaps, ConvMatrixCaps2d, PrimaryMatrixCaps
+from torchcaps.models._api import (
+    CapsuleOutput,
+    check_image_model_args,
+    check_images,
+    register_model,
+)
+
+__all__ = [
+    "MatrixCapsNet",
+    "matrix_capsnet_mnist",
+    "matrix_capsnet_small_mnist",
+    "matrix_capsnet_small_smallnorb",
+    "matrix_capsnet_smallnorb",
+]
+
+
+class MatrixCapsNet(nn.Module):
+    r"""Matrix capsules with EM routing: the paper's smallNORB architecture, any input size.
+
+    From `Hinton, Sabour & Frosst 2018 <https://openreview.net/forum?id=HJWLfGWRb>`_
+    (section 4, Figure 1), with :math:`A, B, C, D` the sizes of its layers:
+
+    1. ``conv1``: :class:`torch.nn.Conv2d` (:math:`A` channels, 5x5, stride 2) and a ReLU;
+    2. ``primary``: :class:`~torchcaps.PrimaryMatrixCaps` (:math:`B` capsule types);
+    3. ``convcaps1``: :class:`~torchcaps.ConvMatrixCaps2d` (:math:`C` types, K=3, stride 2);
+    4. ``convcaps2``: :class:`~torchcaps.ConvMatrixCaps2d` (:math:`D` types, K=3, stride 1);
+    5. ``classcaps``: :class:`~torchcaps.ClassMatrixCaps` (one capsule per class, weights
+       shared over positions, coordinate addition).
+
+    Every routed layer runs :class:`~torchcaps.EMRouting` with ``routing_iterations`` and
+    ``routing_kwargs``. The class scores are the class capsules' activations (train them with
+    :class:`~torchcaps.SpreadLoss`); ``capsules`` are their poses, flattened to 16. There is no
+    decoder (``reconstruction`` is always ``None``). For a 32x32 input the grids are 14x14,
+    6x6 and 4x4; for 28x28 (MNIST) 12x12, 5x5 and 3x3.
+
+    Args:
+        in_shape: shape ``(C, H, W)`` of one input image, at least 19x19.
+        num_classes: number of class capsules :math:`K`.
+        conv_channels: :math:`A`.
+        primary_capsules: :math:`B`.
+        convcaps1_capsules: :math:`C`.
+        convcaps2_capsules: :math:`D`.
+        routing_iterations: EM iterations of every routed layer.
+        routing_kwargs: further :class:`~torchcaps.EMRouting` arguments (``final_lambda``,
+            ``eps``, ``mass_scale``) of every routed layer.
+        assignment: the E-step normalisation of the convolutional layers (see
+            :class:`~torchcaps.ConvMatrixCaps2d`).
+        coordinate_addition: whether the class layer adds the children's coordinates.
+        reconstruction: must be ``False`` (accepted for the registry's common arguments).
+
+    Shape:
+        - x: :math:`(B, C, H, W)` = ``(B, *in_shape)``.
+        - target: ignored (no decoder); accepted for the common ``forward(x, target)``.
+        - Output: :class:`~torchcaps.models.CapsuleOutput` with ``scores`` :math:`(B, K)` (the
+          activations), ``capsules`` :math:`(B, K, 16)` and ``reconstruction`` ``None``.
+
+    Examples:
+        >>> import torch
+        >>> from torchcaps.models import MatrixCapsNet
+        >>> model = MatrixCapsNet((1, 28, 28), 10, conv_channels=64, primary_capsules=8,
+        ...                       convcaps1_capsules=16, convcaps2_capsules=16)
+        >>> out = model(torch.rand(2, 1, 28, 28))
+        >>> out.scores.shape, out.capsules.shape, out.reconstruction
+        (torch.Size([2, 10]), torch.Size([2, 10, 16]), None)
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int] = (2, 32, 32),
+        num_classes: int = 5,
+        *,
+        conv_channels: int = 32,
+        primary_capsules: int = 32,
+        convcaps1_capsules: int = 32,
+        convcaps2_capsules: int = 32,
+        routing_iterations: int = 3,
+        routing_kwargs: dict[str, Any] | None = None,
+        assignment: Literal["all_positions", "per_window"] = "all_positions",
+        coordinate_addition: bool = True,
+        reconstruction: bool = False,
+    ) -> None:
+        super().__init__()
+        owner = "MatrixCapsNet"
+        self.in_shape, self.num_classes = check_image_model_args(
+            owner, in_shape, num_classes, reconstruction
+        )
+        if reconstruction:
+            raise ValueError(f"{owner}: has no decoder; reconstruction must be False")
+        sizes = {
+            "conv_channels": conv_channels,
+            "primary_capsules": primary_capsules,
+            "convcaps1_capsules": convcaps1_capsules,
+            "convcaps2_capsules": convcaps2_capsules,
+        }
+        for name, value in sizes.items():
+            check_int(name, value, owner=owner)
+        if routing_kwargs is not None and not isinstance(routing_kwargs, dict):
+            raise TypeError(
+                f"{owner}: routing_kwargs must be a dict or None, got "
+                f"{type(routing_kwargs).__name__}"
+            )
+        channels, height, width = self.in_shape
+        if min(height, width) < 19:
+            raise ValueError(
+                f"{owner}: in_shape {self.in_shape} must be at least 19x19 (conv1 and the two "
+                "convolutional capsule layers need it)"
+            )
+        em = {"iterations": routing_iterations, **(routing_kwargs or {})}
+        self.conv1 = nn.Conv2d(channels, conv_channels, 5, stride=2)
+        self.primary = PrimaryMatrixCaps(conv_channels, primary_capsules)
+        self.convcaps1 = ConvMatrixCaps2d(
+            primary_capsules, convcaps1_capsules, 3, 2, routing_kwargs=em, assignment=assignment
+        )
+        self.convcaps2 = ConvMatrixCaps2d(
+            convcaps1_capsules, convcaps2_capsules, 3, 1, routing_kwargs=em, assignment=assignment
+        )
+        self.classcaps = ClassMatrixCaps(
+            convcaps2_capsules,
+            self.num_classes,
+            routing_kwargs=em,
+            coordinate_addition=coordinate_addition,
+        )
+
+    def forward(self, x: Tensor, target: Tensor | None = None) -> CapsuleOutput:
+        """Class activations (the scores) and class poses."""
+        check_images(x, self.in_shape, "MatrixCapsNet")
+        caps = self.primary(F.relu(self.conv1(x)))
+        out = self.classcaps(self.convcaps2(self.convcaps1(caps)))
+        return CapsuleOutput(out.activations, out.poses, None)
+
+
+_LARGE = {"conv_channels": 32, "primary_capsules": 32, "convcaps1_capsules": 32,
+          "convcaps2_capsules": 32}  # fmt: skip
+_SMALL = {"conv_channels": 64, "primary_capsules": 8, "convcaps1_capsules": 16,
+          "convcaps2_capsules": 16}  # fmt: skip
+
+
+@register_model("matrix_capsnet_smallnorb")
+def matrix_capsnet_smallnorb(**kwargs: Any) -> MatrixCapsNet:
+    """The paper's smallNORB model (A=B=C=D=32): 2x32x32 stereo crops, 5 classes.
+
+    317,194 parameters (the paper: "310K"). Keyword arguments override the defaults.
+
+    Examples:
+        >>> from torchcaps.models import matrix_capsnet_smallnorb
+        >>> sum(p.numel() for p in matrix_capsnet_smallnorb().parameters())
+        317194
+    """
+    return MatrixCapsNet(**{"in_shape": (2, 32, 32), "num_classes": 5, **_LARGE, **kwargs})
+
+
+@register_model("matrix_capsnet_small_smallnorb")
+def matrix_capsnet_small_smallnorb(**kwargs: Any) -> MatrixCapsNet:
+    """The paper's small smallNORB model (A=64, B=8, C=D=16): 2x32x32 crops, 5 classes.
+
+    68,754 parameters (the paper: "68K").
+
+    Examples:
+        >>> from torchcaps.models import matrix_capsnet_small_smallnorb
+        >>> sum(p.numel() for p in matrix_capsnet_small_smallnorb().parameters())
+        68754
+    """
+    return MatrixCapsNet(**{"in_shape": (2, 32, 32), "num_classes": 5, **_SMALL, **kwargs})
+
+
+@register_model("matrix_capsnet_mnist")
+def matrix_capsnet_mnist(**kwargs: Any) -> MatrixCapsNet:
+    """The large model (A=B=C=D=32) for 28x28 digits and 10 classes.
+
+    Examples:
+        >>> from torchcaps.models import matrix_capsnet_mnist
+        >>> sum(p.numel() for p in matrix_capsnet_mnist().parameters())
+        318964
+    """
+    return MatrixCapsNet(**{"in_shape": (1, 28, 28), "num_classes": 10, **_LARGE, **kwargs})
+
+
+@register_model("matrix_capsnet_small_mnist")
+def matrix_capsnet_small_mnist(**kwargs: Any) -> MatrixCapsNet:
+    """The small model (A=64, B=8, C=D=16) for 28x28 digits and 10 classes.
+
+    Examples:
+        >>> from torchcaps.models import matrix_capsnet_small_mnist
+        >>> sum(p.numel() for p in matrix_capsnet_small_mnist().parameters())
+        68444
+    """
+    return MatrixCapsNet(**{"in_shape": (1, 28, 28), "num_classes": 10, **_SMALL, **kwargs})
