@@ -26,6 +26,11 @@ from presets import LossFn, Recipe
 from runtime import Dist, pick_device
 from torchcaps.models import CapsuleOutput, get_model
 
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stops (its last checkpoint is kept)."""
+
+
 # Version of the checkpoint layout written by Trainer.state_dict (1: before the model registry,
 # without model_name/model_kwargs; still readable).
 CHECKPOINT_FORMAT = 2
@@ -121,8 +126,10 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """Train on ``steps`` shuffled batches; ``on_log(step, loss)`` every ``log_interval`` steps.
 
-    ``on_log`` is the only place that synchronises with the device. Returns the mean loss of
-    this process's batches, the seconds and the images per second.
+    Every ``log_interval`` steps (the only points that synchronise with the device) the loss is
+    checked: a NaN or infinite loss raises :class:`NonFiniteLossError` naming the step, before
+    anything is saved. Returns the mean loss of this process's batches, the seconds and the
+    images per second.
     """
     ctx.model.train()
     total = torch.zeros((), device=ctx.device)
@@ -145,8 +152,14 @@ def train_one_epoch(
         loss = train_step(ctx, x, y)
         total += loss
         seen += 1
-        if on_log is not None and ((step + 1) % log_interval == 0 or step + 1 == steps):
-            on_log(step + 1, loss)
+        if (step + 1) % log_interval == 0 or step + 1 == steps:
+            if not bool(torch.isfinite(total)):
+                raise NonFiniteLossError(
+                    f"the training loss is not finite ({float(loss)}) within the "
+                    f"{log_interval} steps up to step {step + 1} of the epoch"
+                )
+            if on_log is not None:
+                on_log(step + 1, loss)
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     seconds = time.perf_counter() - start
@@ -392,22 +405,11 @@ class Trainer:
                     flush=True,
                 )
 
-        result = train_one_epoch(
-            self.step_context,
-            self.train_images,
-            self.train_labels,
-            batch_size=args.batch_size,
-            steps=steps,
-            augment=self.recipe.augment,
-            generator=self.generator,
-            memory_format=self.memory_format,
-            rank=self.dist.rank,
-            world=self.dist.world,
-            on_log=on_log,
-            log_interval=args.log_interval,
-        )
-        if bar is not None:
-            bar.close()
+        try:
+            result = self._train_one_epoch(on_log)
+        finally:
+            if bar is not None:
+                bar.close()
         if self.dist.enabled:
             import torch.distributed as dist
 
@@ -415,6 +417,30 @@ class Trainer:
             dist.all_reduce(t)
             result["train_loss"] = float(t) / self.dist.world
         return result
+
+    def _train_one_epoch(self, on_log: Callable[[int, Tensor], None]) -> dict[str, float]:
+        args = self.args
+        try:
+            return train_one_epoch(
+                self.step_context,
+                self.train_images,
+                self.train_labels,
+                batch_size=args.batch_size,
+                steps=self.steps_per_epoch,
+                augment=self.recipe.augment,
+                generator=self.generator,
+                memory_format=self.memory_format,
+                rank=self.dist.rank,
+                world=self.dist.world,
+                on_log=on_log,
+                log_interval=args.log_interval,
+            )
+        except NonFiniteLossError as exc:
+            raise NonFiniteLossError(
+                f"epoch {self.epoch + 1}: {exc}; stopped before saving anything of this epoch, "
+                f"so {args.out_dir / 'last.pt'} (if any) holds the last good epoch: lower --lr, "
+                "try --amp none, or resume from it with --resume"
+            ) from exc
 
     def evaluate(self) -> dict[str, float]:
         """:func:`evaluate` on the test set."""

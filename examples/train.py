@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from engine import Trainer
+from engine import NonFiniteLossError, Trainer
 from loaders import DataError
 from presets import Recipe, add_flag
 from runtime import (
@@ -336,10 +336,11 @@ def _run(
 
 
 def main(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
-    """:func:`run`, with data and checkpoint errors as one ``error:`` line and exit code 2."""
+    """:func:`run`, with data, checkpoint and non-finite-loss errors as one ``error:`` line and
+    exit code 2."""
     try:
         run(recipe, argv)
-    except (DataError, CheckpointError) as exc:
+    except (DataError, CheckpointError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

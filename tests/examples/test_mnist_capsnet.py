@@ -251,3 +251,25 @@ def test_main_reports_errors_with_exit_code_2(
         f"error: checkpoint {tmp_path / 'empty' / 'last.pt'} does not exist"
         in capsys.readouterr().err
     )
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    step = engine.train_step
+    calls = {"n": 0}
+
+    def nan_in_epoch_2(ctx: engine.StepContext, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        loss = step(ctx, x, y)
+        return loss * float("nan") if calls["n"] > 2 else loss  # epochs have 2 steps
+
+    monkeypatch.setattr(engine, "train_step", nan_in_epoch_2)
+    argv = TINY + ["--epochs", "3", "--out-dir", str(tmp_path), "--log-interval", "1"]
+    assert ex.main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: epoch 2: the training loss is not finite \(nan\).*step 1", err), err
+    assert "last.pt" in err and "--resume" in err
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1  # the good epoch
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1]
