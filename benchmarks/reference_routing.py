@@ -118,3 +118,70 @@ class NaiveConvCaps(nn.Module):
         x = x.permute(0, 2, 3, 5, 6, 1, 4).reshape(b * h_out * w_out, k * k * n, d)
         v = self.route(x)  # (B * H' * W', N_out, D_out)
         return v.view(b, h_out, w_out, *v.shape[1:]).permute(0, 3, 1, 2, 4)
+
+
+def naive_em(
+    votes: Tensor,
+    acts: Tensor,
+    beta_u: Tensor,
+    beta_a: Tensor,
+    iterations: int,
+    final_lambda: float = 0.01,
+    eps: float = 1e-4,
+    mass_scale: float | None = 100.0,
+) -> tuple[Tensor, Tensor]:
+    """EM routing (Procedure 1) by broadcasting over (B, N_in, N_out, P), as public code does."""
+    n_in, n_out = votes.shape[1], votes.shape[2]
+    r = torch.full(votes.shape[:3], 1.0 / n_out, device=votes.device, dtype=votes.dtype)
+    mu = a_out = votes.new_empty(0)
+    for t in range(1, iterations + 1):
+        lam = final_lambda * (1 - 0.95**t)
+        rp = (r * acts[:, :, None]).unsqueeze(-1)  # (B, N_in, N_out, 1)
+        mass = rp.sum(dim=1, keepdim=True)  # (B, 1, N_out, 1)
+        mu = (rp * votes).sum(dim=1, keepdim=True) / mass.clamp_min(1e-30)
+        var = (rp * (votes - mu) ** 2).sum(dim=1, keepdim=True) / mass.clamp_min(1e-30) + eps
+        m = mass if mass_scale is None else mass * mass_scale * n_out / n_in
+        cost = ((beta_u.view(1, 1, -1, 1) + 0.5 * torch.log(var)) * m).sum(dim=-1)
+        logit = lam * (beta_a.view(1, 1, -1) - cost)  # (B, 1, N_out)
+        a_out = torch.sigmoid(logit)
+        if t < iterations:
+            log_p = -((votes - mu) ** 2 / (2 * var)).sum(-1) - 0.5 * torch.log(
+                2 * math.pi * var
+            ).sum(-1)
+            r = torch.softmax(F.logsigmoid(logit) + log_p, dim=2)
+    return mu.squeeze(1), a_out.squeeze(1)
+
+
+class NaiveConvEMCaps(nn.Module):
+    """Convolutional matrix capsules, every window an independent EM problem (per-window
+    normalisation): unfold, votes by ``einsum``, :func:`naive_em` over all windows at once."""
+
+    def __init__(
+        self,
+        in_capsules: int,
+        out_capsules: int,
+        kernel_size: int,
+        stride: int,
+        iterations: int = 3,
+    ) -> None:
+        super().__init__()
+        self.k, self.stride, self.iterations = kernel_size, stride, iterations
+        self.W = nn.Parameter(
+            0.3 * torch.randn(kernel_size * kernel_size * in_capsules, out_capsules, 4, 4)
+        )
+        self.beta_u = nn.Parameter(torch.zeros(out_capsules))
+        self.beta_a = nn.Parameter(torch.zeros(out_capsules))
+
+    def forward(self, poses: Tensor, acts: Tensor) -> tuple[Tensor, Tensor]:
+        b, n, _, _, _ = poses.shape
+        k, s = self.k, self.stride
+        p = poses.unfold(2, k, s).unfold(3, k, s)  # (B, N, H', W', 16, k, k)
+        a = acts.unfold(2, k, s).unfold(3, k, s)  # (B, N, H', W', k, k)
+        h_out, w_out = p.shape[2], p.shape[3]
+        p = p.permute(0, 2, 3, 5, 6, 1, 4).reshape(b * h_out * w_out, k * k * n, 4, 4)
+        a = a.permute(0, 2, 3, 4, 5, 1).reshape(b * h_out * w_out, k * k * n)
+        votes = torch.einsum("rkab,kjbc->rkjac", p, self.W).flatten(-2)  # (R, K, N_out, 16)
+        mu, a_out = naive_em(votes, a, self.beta_u, self.beta_a, self.iterations)
+        n_out = self.W.shape[1]
+        mu = mu.view(b, h_out, w_out, n_out, 16).permute(0, 3, 1, 2, 4)
+        return mu, a_out.view(b, h_out, w_out, n_out).permute(0, 3, 1, 2)

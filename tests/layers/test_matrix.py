@@ -247,3 +247,19 @@ def test_bad_input() -> None:
         PrimaryMatrixCaps(4, 0)
     with pytest.raises(ShapeError, match=r"x of shape \(B, 4, H, W\)"):
         PrimaryMatrixCaps(4, 2)(torch.randn(2, 3, 5, 5))
+
+
+def test_the_benchmarks_straightforward_conv_em_is_the_same_function() -> None:
+    """benchmarks/reference_routing.NaiveConvEMCaps (the yardstick of EM benchmarks) computes
+    what ConvMatrixCaps2d(assignment="per_window") computes."""
+    import reference_routing
+
+    torch.manual_seed(0)
+    ours = ConvMatrixCaps2d(3, 4, 3, stride=2, assignment="per_window").double()
+    naive = reference_routing.NaiveConvEMCaps(3, 4, 3, stride=2).double()
+    with torch.no_grad():
+        naive.W.copy_(ours.weight)
+    x = _grid(2, 3, 7, 7)
+    got, expected = ours(x), naive(x.poses, x.activations)
+    torch.testing.assert_close(got.poses, expected[0])
+    torch.testing.assert_close(got.activations, expected[1])

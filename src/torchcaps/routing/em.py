@@ -72,10 +72,13 @@ class EMRouting(MatrixRouting):
 
     Degenerate input stays finite, values and gradients: :math:`\epsilon` keeps the variance of
     a parent with identical votes or a single child positive, a parent that receives no mass
-    (all children inactive) gets :math:`\mu_j = 0`, and :math:`\ln a_j` is computed as a
-    log-sigmoid. Routing runs in float32 for half-precision input (and with autocast off);
-    the outputs have the votes' dtype (float32 under autocast). Activations are not checked to
-    lie in [0, 1] (that would synchronise with the device).
+    (all children inactive) gets the unweighted mean of its votes, and :math:`\ln a_j` is
+    computed as a log-sigmoid. Every pass over the votes is a batched matrix product: the
+    variances come from the weighted first and second moments of the votes centred on each
+    parent's unweighted mean, and the E-step's squared distances from their expansion.
+    Routing runs in float32 for half-precision input (and with autocast off); the outputs have
+    the votes' dtype (float32 under autocast). Activations are not checked to lie in [0, 1]
+    (that would synchronise with the device).
 
     Args:
         out_capsules: number of parents :math:`N_{out}` (the size of :math:`\beta_u, \beta_a`).
@@ -179,39 +182,64 @@ class EMRouting(MatrixRouting):
         with no_autocast(votes.device):
             v = float32_compute(votes)
             a_in = float32_compute(activations).to(v.dtype)
-            b, n_in, n_out, _ = v.shape
-            r = v.new_full((b, n_in, n_out), 1.0 / n_out)
-            mu = sigma2 = log_a = a_out = v.new_empty(0)
+            b, n_in, n_out, p = v.shape
+            # Every pass over the votes is a batched matrix-vector product in a (B, N_out, P,
+            # N_in) layout: the weighted moments of x and x^2 (computed once) give the means and
+            # variances, and the E-step's squared distances expand into two products. x is the
+            # votes centred on each parent's unweighted mean, which keeps the moments small
+            # (a variance from E[x^2] - E[x]^2 loses nothing to large vote magnitudes).
+            vt = v.permute(0, 2, 3, 1)  # (B, N_out, P, N_in)
+            center = vt.mean(dim=3)  # (B, N_out, P)
+            x = (vt - center.unsqueeze(3)).contiguous().view(b * n_out, p, n_in)
+            x2 = x.square()
+            r = v.new_full((b, n_out, n_in), 1.0 / n_out)  # R, transposed
+            mu = log_a = a_out = v.new_empty(0)
             for t in range(1, self.iterations + 1):
-                mu, sigma2, a_out, log_a = self._m_step(v, a_in, r, self.inverse_temperature(t))
+                m1, var, a_out, log_a = self._m_step(x, x2, a_in, r, self.inverse_temperature(t))
+                mu = m1 + center
                 if t < self.iterations:
-                    logits = log_a.unsqueeze(1) + self._log_p(v, mu, sigma2)
+                    logits = log_a.unsqueeze(2) + self._log_p(x, x2, m1, var)  # (B, N_out, N_in)
                     if log_normalize is None:
-                        r = torch.softmax(logits, dim=2)
+                        r = torch.softmax(logits, dim=1)
                     else:
-                        r = torch.exp(log_normalize(logits))
-        return mu.to(out_dtype), a_out.to(out_dtype), r.to(out_dtype)
+                        r = torch.exp(log_normalize(logits.transpose(1, 2))).transpose(1, 2)
+        return mu.to(out_dtype), a_out.to(out_dtype), r.transpose(1, 2).to(out_dtype)
 
     def _m_step(
-        self, v: Tensor, a_in: Tensor, r: Tensor, lam: float
+        self, x: Tensor, x2: Tensor, a_in: Tensor, r: Tensor, lam: float
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Means, variances, activations and log-activations of the parents."""
-        n_in, n_out = v.shape[1], v.shape[2]
-        weighted = r * a_in.unsqueeze(2)  # R'_ij
-        mass = weighted.sum(dim=1)  # (B, N_out)
+        """Centred means, variances, activations and log-activations of the parents.
+
+        ``x``, ``x2``: (B * N_out, P, N_in) centred votes and their squares; ``r`` (B, N_out,
+        N_in). Returns means (of ``x``) and variances (B, N_out, P), activations (B, N_out).
+        """
+        b, n_out, n_in = r.shape
+        weighted = r * a_in.unsqueeze(1)  # R'_ij
+        mass = weighted.sum(dim=2)  # (B, N_out)
         # A parent without mass gets weights 0 (mean 0), not 0/0.
-        coeff = weighted / torch.where(mass > 0, mass, torch.ones_like(mass)).unsqueeze(1)
-        mu = torch.einsum("bij,bijh->bjh", coeff, v)
-        sigma2 = torch.einsum("bij,bijh->bjh", coeff, (v - mu.unsqueeze(1)).square()) + self.eps
+        coeff = weighted / torch.where(mass > 0, mass, torch.ones_like(mass)).unsqueeze(2)
+        c = coeff.reshape(b * n_out, n_in, 1)
+        m1 = torch.bmm(x, c).view(b, n_out, -1)
+        m2 = torch.bmm(x2, c).view(b, n_out, -1)
+        var = (m2 - m1.square()).clamp_min(0) + self.eps
         cost_mass = mass if self.mass_scale is None else mass * (self.mass_scale * n_out / n_in)
-        beta_u = self.beta_u.to(v.dtype).view(1, n_out, 1)
-        cost = (beta_u + 0.5 * torch.log(sigma2)).sum(dim=2) * cost_mass  # sum over h
-        logit = lam * (self.beta_a.to(v.dtype).unsqueeze(0) - cost)
-        return mu, sigma2, torch.sigmoid(logit), F.logsigmoid(logit)
+        beta_u = self.beta_u.to(x.dtype).view(1, n_out, 1)
+        cost = (beta_u + 0.5 * torch.log(var)).sum(dim=2) * cost_mass  # sum over h
+        logit = lam * (self.beta_a.to(x.dtype).unsqueeze(0) - cost)
+        return m1, var, torch.sigmoid(logit), F.logsigmoid(logit)
 
     @staticmethod
-    def _log_p(v: Tensor, mu: Tensor, sigma2: Tensor) -> Tensor:
-        """Log-density of every vote under its parent's diagonal Gaussian, (B, N_in, N_out)."""
-        sq = (v - mu.unsqueeze(1)).square() / (2 * sigma2.unsqueeze(1))
-        log_norm = 0.5 * (torch.log(sigma2) + _LOG_2PI).sum(dim=2)  # (B, N_out)
-        return -sq.sum(dim=3) - log_norm.unsqueeze(1)
+    def _log_p(x: Tensor, x2: Tensor, m1: Tensor, var: Tensor) -> Tensor:
+        r"""Log-density of every vote under its parent's diagonal Gaussian, (B, N_out, N_in).
+
+        :math:`\sum_h (x - m)^2 / (2 \sigma^2)` as :math:`x^2 \cdot w - x \cdot (2 m w) +
+        m^2 \cdot w` with :math:`w = 1 / (2 \sigma^2)`: two matrix-vector products.
+        """
+        b, n_out, p = m1.shape
+        w = 0.5 / var  # (B, N_out, P)
+        quad = torch.bmm(w.view(b * n_out, 1, p), x2) - torch.bmm(
+            (2 * m1 * w).view(b * n_out, 1, p), x
+        )
+        quad = quad.view(b, n_out, -1) + (m1.square() * w).sum(dim=2, keepdim=True)
+        log_norm = 0.5 * (torch.log(var) + _LOG_2PI).sum(dim=2, keepdim=True)  # (B, N_out, 1)
+        return -quad - log_norm
