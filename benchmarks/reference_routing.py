@@ -24,8 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reference_capsnet import DigitCaps
-
 
 def exp_squash(s: Tensor, dim: int = -1, eps: float = 1e-20) -> Tensor:
     """Efficient-CapsNet's squash: (1 - 1 / (exp(|s|) + eps)) s / (|s| + eps)."""
@@ -101,6 +99,9 @@ class NaiveConvCaps(nn.Module):
     ) -> None:
         super().__init__()
         self.k, self.stride, self.padding = kernel_size, stride, padding
+        # imported here: reference_capsnet needs torchvision, the rest of this module only torch
+        from reference_capsnet import DigitCaps
+
         children = kernel_size * kernel_size * in_capsules
         # the routing of one position is DigitCaps' over its window's children
         self.route = DigitCaps(children, in_dim, out_capsules, out_dim, iterations=iterations)
