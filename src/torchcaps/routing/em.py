@@ -187,7 +187,7 @@ class EMRouting(MatrixRouting):
             # N_in) layout: the weighted moments of x and x^2 (computed once) give the means and
             # variances, and the E-step's squared distances expand into two products. x is the
             # votes centred on each parent's unweighted mean, which keeps the moments small
-            # (a variance from E[x^2] - E[x]^2 loses nothing to large vote magnitudes).
+            # (E[x^2] - E[x]^2 then loses little to cancellation, even for votes of 1e4).
             vt = v.permute(0, 2, 3, 1)  # (B, N_out, P, N_in)
             center = vt.mean(dim=3)  # (B, N_out, P)
             x = (vt - center.unsqueeze(3)).contiguous().view(b * n_out, p, n_in)
