@@ -37,36 +37,35 @@ def random_shift(
 ) -> Tensor:
     """Shift each image independently by up to ``max_shift`` pixels in x and y, zero padded.
 
-    Batched on the images' device: pad, then gather one (H, W) window per sample.
-    ``images``: (B, ..., H, W) of any dtype -> the same shape and dtype. The offsets are drawn
-    for the global batch of ``world * B`` images (see the module documentation).
+    ``images``: (B, ..., H, W) of any dtype -> the same shape and dtype (:func:`translate`).
+    The offsets are drawn for the global batch of ``world * B`` images (see the module
+    documentation).
     """
-    b, h, w = images.shape[0], images.shape[-2], images.shape[-1]
-    padded = F.pad(images, (max_shift, max_shift, max_shift, max_shift))
+    b = images.shape[0]
     offsets = torch.randint(
         0, 2 * max_shift + 1, (2, b * world), generator=generator, device=generator.device
     )[:, rank * b : (rank + 1) * b].to(images.device)
-    rows = (offsets[0].unsqueeze(1) + torch.arange(h, device=images.device)).unsqueeze(2)
-    cols = (offsets[1].unsqueeze(1) + torch.arange(w, device=images.device)).unsqueeze(1)
-    batch_index = torch.arange(b, device=images.device).view(b, 1, 1)
-    moved = padded.movedim((-2, -1), (1, 2))  # (B, H + 2m, W + 2m, ...)
-    return moved[batch_index, rows, cols].movedim((1, 2), (-2, -1))
+    # offset o selects the window starting at o of the image padded by max_shift: a move by
+    # max_shift - o
+    return translate(images, max_shift - offsets[0], max_shift - offsets[1])
 
 
 def translate(images: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
     """Move image ``k`` down by ``dy[k]`` and right by ``dx[k]`` pixels (integers), zero fill.
 
-    ``images`` (B, C, H, W); ``dy``, ``dx`` (B,) integer tensors; pixels that leave the image
-    are dropped: ``out[k, :, y, x] = images[k, :, y - dy[k], x - dx[k]]`` where that is inside.
+    ``images`` (B, ..., H, W); ``dy``, ``dx`` (B,) integer tensors; pixels that leave the image
+    are dropped: ``out[k, ..., y, x] = images[k, ..., y - dy[k], x - dx[k]]`` where that is
+    inside.
     """
-    b, _, h, w = images.shape
+    b, h, w = images.shape[0], images.shape[-2], images.shape[-1]
     rows = torch.arange(h, device=images.device) - dy.view(b, 1)  # (B, H) source rows
     cols = torch.arange(w, device=images.device) - dx.view(b, 1)
     valid = ((rows >= 0) & (rows < h)).unsqueeze(2) & ((cols >= 0) & (cols < w)).unsqueeze(1)
     k = torch.arange(b, device=images.device).view(b, 1, 1)
     src_rows, src_cols = rows.clamp(0, h - 1).unsqueeze(2), cols.clamp(0, w - 1).unsqueeze(1)
-    moved = images.movedim(1, 3)[k, src_rows, src_cols]
-    return (moved * valid.unsqueeze(3).to(images.dtype)).movedim(3, 1)
+    moved = images.movedim((-2, -1), (1, 2))[k, src_rows, src_cols]  # (B, H, W, ...)
+    mask = valid.view(b, h, w, *([1] * (images.dim() - 3))).to(images.dtype)
+    return (moved * mask).movedim((1, 2), (-2, -1))
 
 
 def rotate(images: Tensor, degrees: Tensor) -> Tensor:

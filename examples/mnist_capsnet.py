@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import train
@@ -66,20 +65,7 @@ RECIPE = Recipe(
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    return train.get_args_parser(RECIPE)
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    return train.parse_args(RECIPE, argv)
-
-
-def run(argv: Sequence[str] | None = None, log: Callable[..., Any] = print) -> list[dict[str, Any]]:
-    return train.run(RECIPE, argv, log)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return train.main(RECIPE, argv)
+build_parser, parse_args, run, main = train.entry_points(RECIPE)
 
 
 if __name__ == "__main__":

@@ -346,6 +346,34 @@ def main(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def entry_points(
+    recipe: Recipe,
+) -> tuple[
+    Callable[[], argparse.ArgumentParser],
+    Callable[..., argparse.Namespace],
+    Callable[..., list[dict[str, Any]]],
+    Callable[..., int],
+]:
+    """``build_parser()``, ``parse_args(argv)``, ``run(argv, log)`` and ``main(argv)`` of an
+    example script, bound to its ``recipe`` (what every script exports)."""
+
+    def build_parser() -> argparse.ArgumentParser:
+        return get_args_parser(recipe)
+
+    def parse_args_(argv: Sequence[str] | None = None) -> argparse.Namespace:
+        return parse_args(recipe, argv)
+
+    def run_(
+        argv: Sequence[str] | None = None, log: Callable[..., Any] = print
+    ) -> list[dict[str, Any]]:
+        return run(recipe, argv, log)
+
+    def main_(argv: Sequence[str] | None = None) -> int:
+        return main(recipe, argv)
+
+    return build_parser, parse_args_, run_, main_
+
+
 if __name__ == "__main__":
     import importlib
 

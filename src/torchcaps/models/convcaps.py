@@ -18,7 +18,7 @@ from torchcaps.models._api import (
     check_images,
     register_model,
 )
-from torchcaps.routing import Routing, resolve_routing, routing_class
+from torchcaps.routing import Routing, routing_class
 
 __all__ = ["ConvCapsNet", "convcaps_mnist"]
 
@@ -162,8 +162,8 @@ class ConvCapsNet(nn.Module):
         Built with the arguments its class needs for these sizes (``contract_kwargs``), then
         ``kwargs``.
         """
-        sized = routing_class(name).contract_kwargs(n_in, n_out, dim)
-        return resolve_routing(name, **{**sized, **(kwargs or {})})
+        cls = routing_class(name)
+        return cls(**{**cls.contract_kwargs(n_in, n_out, dim), **(kwargs or {})})
 
     @property
     def routings(self) -> tuple[Routing, Routing]:
