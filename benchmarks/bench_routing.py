@@ -3,8 +3,8 @@
     python benchmarks/bench_routing.py --quick
     python benchmarks/bench_routing.py --json routing.json
 
-One case per (layer, size), each measured for two implementations on random squashed input
-capsules that require grad:
+One case per (layer, size), each measured for two implementations on random input that requires
+grad (squashed capsules; for the EM layers votes or poses and activations in (0, 1)):
 
 - ``dynamic``: ``DenseCaps(N_in, D_in, N_out, D_out, routing=DynamicRouting(iterations))`` vs
   ``DigitCaps`` of ``benchmarks/reference_capsnet.py`` (``W`` (1, N_in, N_out, D_out, D_in)
@@ -15,12 +15,18 @@ capsules that require grad:
   paper's) vs ``reference_routing.InvertedDotProductCaps``;
 - ``convcaps``: ``ConvCaps2d`` + ``DynamicRouting(iterations)`` vs
   ``reference_routing.NaiveConvCaps`` (unfolded windows, ``DigitCaps`` over every output
-  position at once, no chunking).
+  position at once, no chunking);
+- ``em``: ``EMRouting(N_out, iterations)`` on random votes and activations vs
+  ``reference_routing.NaiveEM`` (Procedure 1 by broadcasting over (B, N_in, N_out, P));
+- ``conv_em``: ``ConvMatrixCaps2d(..., assignment="per_window")`` + ``EMRouting`` vs
+  ``reference_routing.NaiveConvEMCaps`` (unfold, ``einsum`` votes, ``NaiveEM`` over every
+  window at once). Per window, because that is what the straightforward version computes.
 
 Measured per case and implementation:
 
 - ``fwd+bwd``: ``v = layer(u)`` and ``v.backward(g)`` for a fixed random ``g`` (gradients
-  flow into the weights and into ``u``, as inside a network);
+  flow into the weights and into ``u``, as inside a network; for the EM layers into both
+  inputs, from both outputs);
 - ``fwd``: the forward part of that step alone;
 - ``no_grad fwd``: ``layer(u)`` under ``torch.no_grad()`` (evaluation).
 
@@ -55,13 +61,14 @@ from _common import (
 )
 
 IMPLS = ("reference", "torchcaps")
-LAYERS = ("dynamic", "self_attention", "inverted_dot_product", "convcaps")
+LAYERS = ("dynamic", "self_attention", "inverted_dot_product", "convcaps", "em", "conv_em")
 
 
 @dataclass(frozen=True)
 class Case:
     """One layer at one size. Dense layers: ``dims`` = (N_in, D_in, N_out, D_out); ``convcaps``:
-    (N_in, D_in, H, W, N_out, D_out, kernel, stride, padding)."""
+    (N_in, D_in, H, W, N_out, D_out, kernel, stride, padding); ``em``: (N_in, N_out, P);
+    ``conv_em``: (N_in, H, W, N_out, kernel, stride)."""
 
     layer: str
     size: str
@@ -98,6 +105,10 @@ CASES = {
             "Tsai et al.'s ConvCaps1 grid",
         ),
         Case("convcaps", "large", (16, 8, 32, 32, 16, 8, 3, 1, 1), 2, 1, "a 32x32 grid"),
+        Case("em", "paper", (512, 5, 16), 32, 8, "smallNORB class capsules (4x4x32 -> 5)"),
+        Case("em", "large", (1152, 10, 16), 32, 8, "6x6x32 children, 10 classes"),
+        Case("conv_em", "paper", (32, 14, 14, 32, 3, 2), 4, 1, "smallNORB ConvCaps1 (A=B=C=D=32)"),
+        Case("conv_em", "large", (32, 28, 28, 32, 3, 2), 2, 1, "ConvCaps1 on a 28x28 grid"),
     )
 }
 CONFIGS = {f"{case}-{impl}": (case, impl) for case in CASES for impl in IMPLS}
@@ -115,7 +126,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="paper,large", help="comma-separated from paper, large")
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated from {IMPLS}")
     p.add_argument(
-        "--iterations", type=int, default=3, help="rounds of dynamic routing (dynamic, convcaps)"
+        "--iterations",
+        type=int,
+        default=3,
+        help="routing iterations (dynamic routing in dynamic, convcaps; EM in em, conv_em)",
     )
 
 
@@ -147,6 +161,24 @@ def prepare(s: argparse.Namespace, names: list[str]) -> list[str]:
 def build_layer(impl: str, case: Case, iterations: int, device: Any) -> Any:
     import torchcaps
 
+    if case.layer == "em":
+        n_out = case.dims[1]
+        if impl == "torchcaps":
+            return torchcaps.EMRouting(n_out, iterations).to(device)
+        import reference_routing as rr
+
+        return rr.NaiveEM(n_out, iterations).to(device)
+    if case.layer == "conv_em":
+        n_in, _, _, n_out, k, stride = case.dims
+        if impl == "torchcaps":
+            routing = torchcaps.EMRouting(n_out, iterations)
+            em_layer = torchcaps.ConvMatrixCaps2d(
+                n_in, n_out, k, stride, routing=routing, assignment="per_window"
+            )
+            return em_layer.to(device)
+        import reference_routing as rr
+
+        return rr.NaiveConvEMCaps(n_in, n_out, k, stride, iterations).to(device)
     if case.layer == "convcaps":
         n_in, d_in, _, _, n_out, d_out, k, stride, pad = case.dims
         if impl == "torchcaps":
@@ -176,14 +208,46 @@ def build_layer(impl: str, case: Case, iterations: int, device: Any) -> Any:
     return cls().to(device)
 
 
-def input_shapes(case: Case, batch: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of the input ``u`` and of the output (and of its gradient ``g``)."""
+def input_shapes(case: Case, batch: int) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """Shapes of the inputs and of the outputs (and of their gradients)."""
+    if case.layer == "em":
+        n_in, n_out, p = case.dims
+        return [(batch, n_in, n_out, p), (batch, n_in)], [(batch, n_out, p), (batch, n_out)]
+    if case.layer == "conv_em":
+        n_in, h, w, n_out, k, stride = case.dims
+        h_out, w_out = (h - k) // stride + 1, (w - k) // stride + 1
+        return (
+            [(batch, n_in, h, w, 16), (batch, n_in, h, w)],
+            [(batch, n_out, h_out, w_out, 16), (batch, n_out, h_out, w_out)],
+        )
     if case.layer == "convcaps":
         n_in, d_in, h, w, n_out, d_out, k, stride, pad = case.dims
         h_out, w_out = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
-        return (batch, n_in, h, w, d_in), (batch, n_out, h_out, w_out, d_out)
+        return [(batch, n_in, h, w, d_in)], [(batch, n_out, h_out, w_out, d_out)]
     n_in, d_in, n_out, d_out = case.dims
-    return (batch, n_in, d_in), (batch, n_out, d_out)
+    return [(batch, n_in, d_in)], [(batch, n_out, d_out)]
+
+
+def make_inputs(case: Case, batch: int, gen: Any) -> list[Any]:
+    """Random inputs: squashed capsules, or votes/poses and activations in (0, 1)."""
+    import torch
+
+    import torchcaps
+
+    shapes, _ = input_shapes(case, batch)
+    if case.layer in ("em", "conv_em"):
+        return [torch.randn(shapes[0], generator=gen), torch.rand(shapes[1], generator=gen)]
+    return [torchcaps.squash(torch.randn(shapes[0], generator=gen))]
+
+
+def call(layer: Any, case: Case, inputs: list[Any]) -> tuple[Any, ...]:
+    """The layer's outputs as a tuple (the matrix-capsule layers take and give pairs)."""
+    if case.layer == "conv_em" and not hasattr(layer, "W"):  # torchcaps: a MatrixCapsules pair
+        from torchcaps.layers import MatrixCapsules
+
+        return tuple(layer(MatrixCapsules(*inputs)))
+    out = layer(*inputs)
+    return tuple(out) if isinstance(out, tuple) else (out,)
 
 
 def copy_weights(ours: Any, theirs: Any) -> None:
@@ -191,6 +255,13 @@ def copy_weights(ours: Any, theirs: Any) -> None:
     import torch
 
     with torch.no_grad():
+        em = ours if hasattr(ours, "beta_u") else getattr(ours, "routing", None)
+        if hasattr(em, "beta_u"):  # the EM layers: betas and (conv) the 4x4 matrices
+            theirs.beta_u.copy_(em.beta_u)
+            theirs.beta_a.copy_(em.beta_a)
+            if hasattr(theirs, "W"):
+                theirs.W.copy_(ours.weight)
+            return
         w = ours.weight_matrices
         theirs.W.copy_(w.reshape(1, -1, *w.shape[-3:]))
         routing = ours.routing
@@ -204,7 +275,6 @@ def measure(name: str, s: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     import reference_capsnet  # noqa: F401 - same imports in every worker
-    import torchcaps
 
     case_name, impl = CONFIGS[name]
     case = CASES[case_name]
@@ -213,10 +283,9 @@ def measure(name: str, s: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(s.seed)
     layer = build_layer(impl, case, s.iterations, device)
     gen = torch.Generator().manual_seed(s.seed)
-    u_shape, v_shape = input_shapes(case, batch)
-    u = torchcaps.squash(torch.randn(u_shape, generator=gen)).to(device)
-    u.requires_grad_(True)
-    grad_v = torch.randn(v_shape, generator=gen).to(device)
+    u_shapes, v_shapes = input_shapes(case, batch)
+    inputs = [u.to(device).requires_grad_(True) for u in make_inputs(case, batch, gen)]
+    grads = [torch.randn(shape, generator=gen).to(device) for shape in v_shapes]
     memory = PeakMemory(device)
     release_memory()
     baseline = memory.current_mb()
@@ -227,8 +296,8 @@ def measure(name: str, s: argparse.Namespace) -> dict[str, Any]:
         "size": case.size,
         "impl": impl,
         "batch": batch,
-        "input_shape": list(u_shape),
-        "output_shape": list(v_shape),
+        "input_shape": list(u_shapes[0]),
+        "output_shape": list(v_shapes[0]),
         "iterations": s.iterations,
         "num_parameters": sum(p.numel() for p in layer.parameters()),
     }
@@ -236,13 +305,14 @@ def measure(name: str, s: argparse.Namespace) -> dict[str, Any]:
     # ---- forward + backward ----
     def train_step() -> tuple[float, float]:
         layer.zero_grad(set_to_none=True)
-        u.grad = None
+        for u in inputs:
+            u.grad = None
         synchronize(device)
         t0 = time.perf_counter()
-        v = layer(u)
+        outputs = call(layer, case, inputs)
         synchronize(device)
         t1 = time.perf_counter()
-        v.backward(grad_v)
+        torch.autograd.backward(outputs, grads)
         synchronize(device)
         return t1 - t0, time.perf_counter() - t0
 
@@ -257,13 +327,14 @@ def measure(name: str, s: argparse.Namespace) -> dict[str, Any]:
 
     # ---- no_grad forward ----
     layer.zero_grad(set_to_none=True)
-    u.grad = None
+    for u in inputs:
+        u.grad = None
 
     def eval_step() -> float:
         synchronize(device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            layer(u)
+            call(layer, case, inputs)
         synchronize(device)
         return time.perf_counter() - t0
 
@@ -284,13 +355,13 @@ def check(s: argparse.Namespace) -> dict[str, Any]:
     gradients (at the paper size, batch 2; and at a small size)."""
     import torch
 
-    import torchcaps
-
     small = {
         "dynamic": (36, 8, 5, 16),
         "self_attention": (36, 8, 5, 16),
         "inverted_dot_product": (36, 8, 5, 16),
         "convcaps": (3, 4, 6, 5, 2, 5, 3, 2, 1),
+        "em": (12, 4, 16),
+        "conv_em": (3, 7, 6, 4, 3, 2),
     }
     out: dict[str, Any] = {"config": "check", "ok": True}
     worst = 0.0
@@ -305,16 +376,24 @@ def check(s: argparse.Namespace) -> dict[str, Any]:
             theirs = build_layer("reference", case, s.iterations, "cpu")
             if layer == "self_attention":  # a non-zero prior, so that it is checked
                 torch.nn.init.normal_(ours.routing.prior, std=0.1)
+            if layer in ("em", "conv_em"):  # non-zero betas, so that they are checked
+                em = ours if layer == "em" else ours.routing
+                torch.nn.init.normal_(em.beta_u, std=0.5)
+                torch.nn.init.normal_(em.beta_a, std=3.0)
             copy_weights(ours, theirs)
-            u_shape, v_shape = input_shapes(case, 2)
-            u = torchcaps.squash(torch.randn(u_shape)).requires_grad_(True)
-            g = torch.randn(v_shape)
-            v_ours = ours(u)
-            (grad_u_ours,) = torch.autograd.grad(v_ours, u, g)
-            v_ref = theirs(u)
-            (grad_u_ref,) = torch.autograd.grad(v_ref, u, g)
-            diff_v = float((v_ours - v_ref).detach().abs().max())
-            diff_g = float((grad_u_ours - grad_u_ref).abs().max() / grad_u_ref.abs().max())
+            gen = torch.Generator().manual_seed(s.seed)
+            inputs = [u.requires_grad_(True) for u in make_inputs(case, 2, gen)]
+            gs = [torch.randn(shape, generator=gen) for shape in input_shapes(case, 2)[1]]
+            results = []
+            for impl_layer in (ours, theirs):
+                vs = call(impl_layer, case, inputs)
+                results.append((vs, torch.autograd.grad(vs, inputs, gs)))
+            (v_ours, g_ours), (v_ref, g_ref) = results
+            diff_v = max(float((a - b).detach().abs().max()) for a, b in zip(v_ours, v_ref))
+            diff_g = max(
+                float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+                for a, b in zip(g_ours, g_ref)
+            )
             out[f"{layer}-{label}"] = {"max_abs_diff_v": diff_v, "max_rel_diff_grad_u": diff_g}
             out["ok"] = out["ok"] and diff_v < 1e-4 and diff_g < 1e-3
             worst = max(worst, diff_v)
@@ -344,7 +423,14 @@ def finish(
 def case_label(r: dict[str, Any]) -> str:
     """``layer size (N_in x D_in -> N_out x D_out)``, with the grids for convcaps."""
     case = CASES[r["case"]]
-    if case.layer == "convcaps":
+    if case.layer == "em":
+        n_in, n_out, p = case.dims
+        shape = f"{n_in} -> {n_out} capsules, P={p}"
+    elif case.layer == "conv_em":
+        n_in, h, w, n_out, k, stride = case.dims
+        _, _, h2, w2, _ = r["output_shape"]
+        shape = f"{n_in} types {h}x{w} -> {n_out} types {h2}x{w2}, k{k} s{stride}"
+    elif case.layer == "convcaps":
         _, n_in, h, w, d_in = r["input_shape"]
         _, n_out, h2, w2, d_out = r["output_shape"]
         k, stride, pad = case.dims[6:]

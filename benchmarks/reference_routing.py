@@ -14,6 +14,10 @@ reductions by broadcasting and ``sum``.
 - :class:`NaiveConvCaps`: convolutional capsules with dynamic routing, all output positions at
   once: ``unfold`` the windows, broadcast one matrix per (kernel position, input type, output
   type) over batch and positions, route everything in one piece (no chunking).
+- :func:`naive_em` / :class:`NaiveEM`: EM routing (Hinton et al. 2018, Procedure 1) by
+  broadcasting over (B, N_in, N_out, P).
+- :class:`NaiveConvEMCaps`: convolutional matrix capsules, ``unfold`` and ``einsum`` votes,
+  :func:`naive_em` over every window at once.
 """
 
 from __future__ import annotations
@@ -151,6 +155,19 @@ def naive_em(
             ).sum(-1)
             r = torch.softmax(F.logsigmoid(logit) + log_p, dim=2)
     return mu.squeeze(1), a_out.squeeze(1)
+
+
+class NaiveEM(nn.Module):
+    """:func:`naive_em` as a module with learned ``beta_u``, ``beta_a`` (one per parent)."""
+
+    def __init__(self, out_capsules: int, iterations: int = 3) -> None:
+        super().__init__()
+        self.iterations = iterations
+        self.beta_u = nn.Parameter(torch.zeros(out_capsules))
+        self.beta_a = nn.Parameter(torch.zeros(out_capsules))
+
+    def forward(self, votes: Tensor, acts: Tensor) -> tuple[Tensor, Tensor]:
+        return naive_em(votes, acts, self.beta_u, self.beta_a, self.iterations)
 
 
 class NaiveConvEMCaps(nn.Module):

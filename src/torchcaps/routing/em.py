@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from torchcaps._checks import (
     autocast_dtype_out,
@@ -73,9 +74,16 @@ class EMRouting(MatrixRouting):
     Degenerate input stays finite, values and gradients: :math:`\epsilon` keeps the variance of
     a parent with identical votes or a single child positive, a parent that receives no mass
     (all children inactive) gets the unweighted mean of its votes, and :math:`\ln a_j` is
-    computed as a log-sigmoid. Every pass over the votes is a batched matrix product: the
-    variances come from the weighted first and second moments of the votes centred on each
-    parent's unweighted mean, and the E-step's squared distances from their expansion.
+    computed as a log-sigmoid.
+
+    Every pass over the votes is one batched matrix product over a buffer that holds, per
+    parent, its votes centred on their unweighted mean and their squares: the M-step's means
+    and variances are its weighted first and second moments, the E-step's squared distances
+    their expansion. When a graph is recorded (and the code is not being compiled), EM runs
+    as one autograd function that keeps only that buffer for the backward, which replays the
+    iterations on the small tensors and forms the votes' gradient in one product; compiled
+    code traces the same iterations as plain operations (double backward is not supported).
+
     Routing runs in float32 for half-precision input (and with autocast off); the outputs have
     the votes' dtype (float32 under autocast). Activations are not checked to lie in [0, 1]
     (that would synchronise with the device).
@@ -182,64 +190,245 @@ class EMRouting(MatrixRouting):
         with no_autocast(votes.device):
             v = float32_compute(votes)
             a_in = float32_compute(activations).to(v.dtype)
-            b, n_in, n_out, p = v.shape
-            # Every pass over the votes is a batched matrix-vector product in a (B, N_out, P,
-            # N_in) layout: the weighted moments of x and x^2 (computed once) give the means and
-            # variances, and the E-step's squared distances expand into two products. x is the
-            # votes centred on each parent's unweighted mean, which keeps the moments small
-            # (E[x^2] - E[x]^2 then loses little to cancellation, even for votes of 1e4).
-            vt = v.permute(0, 2, 3, 1)  # (B, N_out, P, N_in)
-            center = vt.mean(dim=3)  # (B, N_out, P)
-            x = (vt - center.unsqueeze(3)).contiguous().view(b * n_out, p, n_in)
-            x2 = x.square()
-            r = v.new_full((b, n_out, n_in), 1.0 / n_out)  # R, transposed
-            mu = log_a = a_out = v.new_empty(0)
-            for t in range(1, self.iterations + 1):
-                m1, var, a_out, log_a = self._m_step(x, x2, a_in, r, self.inverse_temperature(t))
-                mu = m1 + center
-                if t < self.iterations:
-                    logits = log_a.unsqueeze(2) + self._log_p(x, x2, m1, var)  # (B, N_out, N_in)
-                    if log_normalize is None:
-                        r = torch.softmax(logits, dim=1)
-                    else:
-                        r = torch.exp(log_normalize(logits.transpose(1, 2))).transpose(1, 2)
+            beta_u, beta_a = self.beta_u.to(v.dtype), self.beta_a.to(v.dtype)
+            tracked = torch.is_grad_enabled() and any(
+                t.requires_grad for t in (v, a_in, beta_u, beta_a)
+            )
+            compiling = torch.compiler.is_compiling()
+            if tracked and not compiling:
+                mu, a_out, r = _EMFunction.apply(v, a_in, beta_u, beta_a, self, log_normalize)
+            else:  # no graph, or one that a compiler traces: plain differentiable operations
+                x, center = _stacked_votes(v, in_place=not (tracked or compiling))
+                mu, a_out, r = self._em(_Passes(x), a_in, beta_u, beta_a, log_normalize)
+                mu = mu + center
         return mu.to(out_dtype), a_out.to(out_dtype), r.transpose(1, 2).to(out_dtype)
 
-    def _m_step(
-        self, x: Tensor, x2: Tensor, a_in: Tensor, r: Tensor, lam: float
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Centred means, variances, activations and log-activations of the parents.
+    def _em(
+        self,
+        passes: _Passes,
+        a_in: Tensor,
+        beta_u: Tensor,
+        beta_a: Tensor,
+        log_normalize: Callable[[Tensor], Tensor] | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The iterations on small tensors; every pass over the votes goes through ``passes``.
 
-        ``x``, ``x2``: (B * N_out, P, N_in) centred votes and their squares; ``r`` (B, N_out,
-        N_in). Returns means (of ``x``) and variances (B, N_out, P), activations (B, N_out).
+        Returns the centred means (B, N_out, P), the activations (B, N_out) and R transposed,
+        (B, N_out, N_in).
         """
-        b, n_out, n_in = r.shape
-        weighted = r * a_in.unsqueeze(1)  # R'_ij
-        mass = weighted.sum(dim=2)  # (B, N_out)
-        # A parent without mass gets weights 0 (mean 0), not 0/0.
-        coeff = weighted / torch.where(mass > 0, mass, torch.ones_like(mass)).unsqueeze(2)
-        c = coeff.reshape(b * n_out, n_in, 1)
-        m1 = torch.bmm(x, c).view(b, n_out, -1)
-        m2 = torch.bmm(x2, c).view(b, n_out, -1)
-        var = (m2 - m1.square()).clamp_min(0) + self.eps
-        cost_mass = mass if self.mass_scale is None else mass * (self.mass_scale * n_out / n_in)
-        beta_u = self.beta_u.to(x.dtype).view(1, n_out, 1)
-        cost = (beta_u + 0.5 * torch.log(var)).sum(dim=2) * cost_mass  # sum over h
-        logit = lam * (self.beta_a.to(x.dtype).unsqueeze(0) - cost)
-        return m1, var, torch.sigmoid(logit), F.logsigmoid(logit)
+        b, n_in = a_in.shape
+        n_out, p = self.out_capsules, passes.pose_dim
+        g = b * n_out
+        cost_scale = 1.0 if self.mass_scale is None else self.mass_scale * n_out / n_in
+        r = a_in.new_full((b, n_out, n_in), 1.0 / n_out)
+        m1 = a_out = a_in.new_empty(0)
+        for t in range(1, self.iterations + 1):
+            weighted = r * a_in.unsqueeze(1)  # R'_ij, transposed
+            mass = weighted.sum(dim=2)  # (B, N_out)
+            # A parent without mass gets weights 0 (mean 0, its votes' centre), not 0/0.
+            coeff = weighted / torch.where(mass > 0, mass, torch.ones_like(mass)).unsqueeze(2)
+            moments = passes.over_children(coeff.reshape(g, 1, n_in)).view(b, n_out, 2 * p)
+            m1, m2 = moments[..., :p], moments[..., p:]
+            var = (m2 - m1.square()).clamp_min(0) + self.eps
+            log_var = torch.log(var)
+            cost = (beta_u.view(1, n_out, 1) + 0.5 * log_var).sum(dim=2) * (mass * cost_scale)
+            logit = self.inverse_temperature(t) * (beta_a.unsqueeze(0) - cost)
+            a_out = torch.sigmoid(logit)
+            if t == self.iterations:
+                break
+            # ln p_ij = -sum_h (x - m)^2 w - 1/2 sum_h ln(2 pi var), w = 1 / (2 var): the
+            # square expands into one pass with coefficients (-2 m w, w) on (x, x^2).
+            w = 0.5 / var
+            coeffs = torch.cat([-2.0 * m1 * w, w], dim=2).reshape(g, 1, 2 * p)
+            quad = passes.over_components(coeffs).view(b, n_out, n_in)
+            const = (m1.square() * w).sum(dim=2) + 0.5 * (log_var + _LOG_2PI).sum(dim=2)
+            logits = F.logsigmoid(logit).unsqueeze(2) - quad - const.unsqueeze(2)
+            if log_normalize is None:
+                r = torch.softmax(logits, dim=1)
+            else:
+                r = torch.exp(log_normalize(logits.transpose(1, 2))).transpose(1, 2)
+        return m1, a_out, r
+
+
+def _stacked_votes(votes: Tensor, in_place: bool) -> tuple[Tensor, Tensor]:
+    """``(X, centre)``: the votes centred per parent and their squares, and the centre.
+
+    X (B * N_out, N_in, 2P) holds, per parent, its votes centred on their unweighted mean and
+    their squares; the centre is that mean, (B, N_out, P).
+
+    Centring keeps the moments small, so E[x^2] - E[x]^2 loses little to cancellation even for
+    votes of 1e4; the means, variances and log-densities do not depend on the shift.
+    """
+    b, n_in, n_out, p = votes.shape
+    vt = votes.transpose(1, 2)  # (B, N_out, N_in, P), a view
+    center = vt.mean(dim=2)
+    if in_place:  # one buffer, no intermediate (not differentiable, not traceable)
+        stacked = votes.new_empty(b, n_out, n_in, 2 * p)
+        torch.sub(vt, center.unsqueeze(2), out=stacked[..., :p])
+        torch.mul(stacked[..., :p], stacked[..., :p], out=stacked[..., p:])
+    else:
+        x = vt - center.unsqueeze(2)
+        stacked = torch.cat([x, x.square()], dim=3)
+    return stacked.view(b * n_out, n_in, 2 * p), center
+
+
+class _Passes:
+    """The two passes of EM over the stacked votes X (G, N_in, 2P), as batched products.
+
+    ``over_children(c)``: (G, 1, N_in) weights -> (G, 1, 2P), the weighted sums of the votes
+    and of their squares; ``over_components(s)``: (G, 1, 2P) -> (G, 1, N_in), a weighted sum of
+    every vote's components and squared components.
+    """
+
+    def __init__(self, stacked: Tensor) -> None:
+        self.x = stacked
+        self.pose_dim = stacked.shape[2] // 2
+
+    def over_children(self, c: Tensor) -> Tensor:
+        return torch.bmm(c, self.x)
+
+    def over_components(self, s: Tensor) -> Tensor:
+        return torch.bmm(s, self.x.transpose(1, 2))
+
+
+class _RecordedPasses(_Passes):
+    """Passes that keep their results, for :class:`_EMFunction`'s backward to replay."""
+
+    def __init__(self, stacked: Tensor) -> None:
+        super().__init__(stacked)
+        self.results: list[Tensor] = []
+
+    def over_children(self, c: Tensor) -> Tensor:
+        self.results.append(super().over_children(c))
+        return self.results[-1]
+
+    def over_components(self, s: Tensor) -> Tensor:
+        self.results.append(super().over_components(s))
+        return self.results[-1]
+
+
+class _ReplayedPasses(_Passes):
+    """The recorded results again, as autograd nodes of their small operands.
+
+    The backward of each passes over X once for its small operand's gradient and leaves X's
+    share as an outer product ``column (G, N_in, 1) row (G, 1, 2P)``; :meth:`grad_x` sums them
+    in one batched product.
+    """
+
+    def __init__(self, stacked: Tensor, results: list[Tensor]) -> None:
+        super().__init__(stacked)
+        self.results = iter(results)
+        self.columns: list[Tensor] = []
+        self.rows: list[Tensor] = []
+
+    def over_children(self, c: Tensor) -> Tensor:
+        return _Pass.apply(c, self, True, next(self.results))
+
+    def over_components(self, s: Tensor) -> Tensor:
+        return _Pass.apply(s, self, False, next(self.results))
+
+    def grad_x(self) -> Tensor | None:
+        """X's gradient (G, N_in, 2P), or None when no pass was reached."""
+        if not self.columns:
+            return None
+        return torch.bmm(torch.cat(self.columns, dim=2), torch.cat(self.rows, dim=1))
+
+
+class _Pass(torch.autograd.Function):
+    """A recorded pass ``y = c X`` (``over_children``) or ``y = s X^T``.
+
+    Differentiable in the small operand; X's share of the gradient goes to the passes' buffer.
+    """
 
     @staticmethod
-    def _log_p(x: Tensor, x2: Tensor, m1: Tensor, var: Tensor) -> Tensor:
-        r"""Log-density of every vote under its parent's diagonal Gaussian, (B, N_out, N_in).
+    def forward(  # type: ignore[override]
+        ctx: Any, small: Tensor, passes: _ReplayedPasses, over_children: bool, result: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(small)
+        ctx.passes, ctx.over_children = passes, over_children
+        return result.clone()
 
-        :math:`\sum_h (x - m)^2 / (2 \sigma^2)` as :math:`x^2 \cdot w - x \cdot (2 m w) +
-        m^2 \cdot w` with :math:`w = 1 / (2 \sigma^2)`: two matrix-vector products.
-        """
-        b, n_out, p = m1.shape
-        w = 0.5 / var  # (B, N_out, P)
-        quad = torch.bmm(w.view(b * n_out, 1, p), x2) - torch.bmm(
-            (2 * m1 * w).view(b * n_out, 1, p), x
-        )
-        quad = quad.view(b, n_out, -1) + (m1.square() * w).sum(dim=2, keepdim=True)
-        log_norm = 0.5 * (torch.log(var) + _LOG_2PI).sum(dim=2, keepdim=True)  # (B, N_out, 1)
-        return -quad - log_norm
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
+        # detached: the factors kept for X's gradient must not hold the replayed graph (a
+        # reference cycle through the passes object that nothing would collect)
+        small = ctx.saved_tensors[0].detach()
+        passes: _ReplayedPasses = ctx.passes
+        x = passes.x
+        if ctx.over_children:  # y = c X: dc = g X^T, dX = c^T g
+            d_small = torch.bmm(grad, x.transpose(1, 2))
+            passes.columns.append(small.transpose(1, 2))
+            passes.rows.append(grad)
+        else:  # y = s X^T: ds = g X, dX = g^T s
+            d_small = torch.bmm(grad, x)
+            passes.columns.append(grad.transpose(1, 2))
+            passes.rows.append(small)
+        return d_small, None, None, None
+
+
+class _EMFunction(torch.autograd.Function):
+    """EM routing with a backward that never keeps more than the stacked votes.
+
+    The forward runs without a graph and records its passes over the votes; the backward
+    replays the iterations on the small tensors with autograd, the recorded passes standing in
+    for the big products, and assembles the votes' gradient from X's, once.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        votes: Tensor,
+        a_in: Tensor,
+        beta_u: Tensor,
+        beta_a: Tensor,
+        routing: EMRouting,
+        log_normalize: Callable[[Tensor], Tensor] | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        stacked, center = _stacked_votes(votes, in_place=True)
+        passes = _RecordedPasses(stacked)
+        m1, a_out, r = routing._em(passes, a_in, beta_u, beta_a, log_normalize)
+        # Saved, not kept as attributes: the buffer is freed when the backward has run.
+        ctx.save_for_backward(a_in, beta_u, beta_a, stacked, *passes.results)
+        ctx.routing, ctx.log_normalize = routing, log_normalize
+        ctx.votes_shape = votes.shape
+        return m1 + center, a_out, r
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: Any, g_mu: Tensor | None, g_a: Tensor | None, g_r: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        a_in, beta_u, beta_a, stacked_votes, *results = ctx.saved_tensors
+        b, n_in, n_out, p = ctx.votes_shape
+        need_votes = ctx.needs_input_grad[0]
+        passes = _ReplayedPasses(stacked_votes, results)
+        # Every leaf requires grad, so that every pass is in the replayed graph (X's gradient
+        # comes from their backward); the gradients of inputs that need none are dropped.
+        leaves = [t.detach().requires_grad_(True) for t in (a_in, beta_u, beta_a)]
+        with torch.enable_grad():
+            m1, a_out, r = ctx.routing._em(passes, *leaves, ctx.log_normalize)
+            pairs = [
+                (o, g)
+                for o, g in ((m1, g_mu), (a_out, g_a), (r, g_r))
+                if g is not None and o.requires_grad
+            ]
+            found = torch.autograd.grad(
+                [o for o, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True
+            )
+        grads = [g if need else None for g, need in zip(found, ctx.needs_input_grad[1:4])]
+        if not need_votes:
+            return (None, *grads, None, None)
+        stacked = passes.grad_x()
+        x = stacked_votes.view(b, n_out, n_in, 2 * p)[..., :p]
+        if stacked is None:  # no pass reached: the votes only moved the centre
+            grad = torch.zeros_like(x)
+        else:  # d(x, x^2) -> dx, in the first half of the buffer
+            stacked = stacked.view(b, n_out, n_in, 2 * p)
+            grad = stacked[..., :p].addcmul_(x, stacked[..., p:], value=2.0)
+        # x = v - centre and mu = m + centre, with centre the unweighted mean over children
+        shift = -grad.sum(dim=2)
+        if g_mu is not None:
+            shift = shift + g_mu
+        grad.add_(shift.unsqueeze(2), alpha=1.0 / n_in)
+        return (grad.transpose(1, 2), *grads, None, None)
