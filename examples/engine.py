@@ -123,8 +123,13 @@ def train_one_epoch(
     world: int = 1,
     on_log: Callable[[int, Tensor], None] | None = None,
     log_interval: int = 10,
+    first_step: int = 0,
 ) -> dict[str, float]:
     """Train on ``steps`` shuffled batches; ``on_log(step, loss)`` every ``log_interval`` steps.
+
+    A loss with a ``set_step(step, steps_per_epoch)`` method is told the run's step number
+    (``first_step`` + the step of this epoch) before every step, for schedules that move with
+    training (the spread loss's margin).
 
     Every ``log_interval`` steps (the only points that synchronise with the device) the loss is
     checked: a NaN or infinite loss raises :class:`NonFiniteLossError` naming the step, before
@@ -136,9 +141,12 @@ def train_one_epoch(
     seen = 0
     start = time.perf_counter()
     batches = train_batches(images.shape[0], batch_size, generator, rank, world)
+    set_step = getattr(ctx.loss_fn, "set_step", None)
     for step, index in enumerate(batches):
         if step >= steps:
             break
+        if set_step is not None:
+            set_step(first_step + step, steps)
         x, y = augmented_batch(
             images,
             labels,
@@ -291,7 +299,7 @@ class Trainer:
             if args.channels_last in ("yes", "auto")
             else torch.contiguous_format
         )
-        self.model_name = recipe.model
+        self.model_name = recipe.model if isinstance(recipe.model, str) else recipe.model(args)
         self.model_kwargs = recipe.model_kwargs(args)
         runtime = recipe.runtime_kwargs(args)
         self.model = get_model(self.model_name, **self.model_kwargs, **runtime).to(self.device)
@@ -434,6 +442,7 @@ class Trainer:
                 world=self.dist.world,
                 on_log=on_log,
                 log_interval=args.log_interval,
+                first_step=self.epoch * self.steps_per_epoch,
             )
         except NonFiniteLossError as exc:
             raise NonFiniteLossError(

@@ -30,14 +30,15 @@ class Recipe:
 
     ``add_arguments`` adds the example's own flags to the shared parser; ``model_kwargs`` and
     ``loss`` turn the parsed command line into the model's keyword arguments (stored in every
-    checkpoint) and the loss; ``augment`` transforms every training batch (on the device);
+    checkpoint) and the loss; ``model`` is a registered model name, or a function of the
+    command line that returns one; ``augment`` transforms every training batch (on the device);
     ``runtime_kwargs`` into model arguments that change how it
     computes but not its weights (not stored, free to change on ``--resume``).
     """
 
     name: str
     description: str
-    model: str
+    model: str | Callable[[argparse.Namespace], str]
     dataset: str
     model_kwargs: Callable[[argparse.Namespace], dict[str, Any]]
     loss: Callable[[argparse.Namespace], LossFn]

@@ -11,6 +11,7 @@ from torch.autograd import gradcheck
 from reference import em_routing_ref
 from torchcaps import EMRouting, ShapeError
 from torchcaps.layers import ClassMatrixCaps, ConvMatrixCaps2d, MatrixCapsules, PrimaryMatrixCaps
+from torchcaps.routing import MatrixRouting
 
 
 def _grid(b: int, n: int, h: int, w: int, seed: int = 0) -> MatrixCapsules:
@@ -105,6 +106,40 @@ def test_conv_per_window_matches_the_per_position_reference(
     got, expected = layer(x), _conv_ref(layer, x)
     torch.testing.assert_close(got.poses, expected.poses, atol=1e-9, rtol=1e-7)
     torch.testing.assert_close(got.activations, expected.activations, atol=1e-9, rtol=1e-7)
+
+
+class _ActivationWeightedMean(MatrixRouting):
+    """A user routing: every parent the activation-weighted mean of its votes, as active as
+    the mean child."""
+
+    def route(
+        self, votes: torch.Tensor, activations: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, n_in, n_out, _ = votes.shape
+        w = activations / activations.sum(dim=1, keepdim=True)
+        poses = torch.einsum("bi,bijp->bjp", w, votes)
+        a = activations.mean(dim=1, keepdim=True).expand(b, n_out)
+        return poses, a, votes.new_full((b, n_in, n_out), 1.0 / n_out)
+
+
+def test_conv_takes_any_matrix_routing_per_window() -> None:
+    """A routing that is not EM gets each window's votes through its validated forward."""
+    torch.manual_seed(0)
+    layer = ConvMatrixCaps2d(
+        2, 3, 3, stride=2, padding=1, routing=_ActivationWeightedMean(), assignment="per_window"
+    ).double()
+    em_layer = ConvMatrixCaps2d(
+        2, 3, 3, stride=2, padding=1, routing_kwargs={"iterations": 1}, assignment="per_window"
+    ).double()
+    with torch.no_grad():
+        em_layer.weight.copy_(layer.weight)
+    x = _grid(2, 2, 5, 4)
+    x = MatrixCapsules(x.poses, x.activations + 0.1)  # padding children are inactive (0)
+    got = layer(x)
+    # one EM iteration from uniform assignments: the same activation-weighted means
+    torch.testing.assert_close(got.poses, em_layer(x).poses)
+    with pytest.raises(TypeError, match="all_positions"):
+        ConvMatrixCaps2d(2, 3, 3, routing=_ActivationWeightedMean())
 
 
 def test_all_positions_equals_per_window_without_overlap() -> None:

@@ -209,6 +209,21 @@ def test_the_graph_free_backward_equals_autograd_through_the_plain_passes(
         torch.testing.assert_close(f, p, atol=1e-10, rtol=1e-8)
 
 
+def test_a_retained_graph_gives_the_same_gradients_twice() -> None:
+    """The backward forms the votes' gradient in a saved buffer only when the graph is not
+    retained; with ``retain_graph=True`` a second backward sees the same buffers."""
+    votes, acts = _inputs((2, 7, 3, 16), seed=10)
+    votes.requires_grad_(True)
+    routing = _routing(3, iterations=3)
+    poses, a = routing(votes, acts)
+    loss = (poses * torch.linspace(-1, 1, 16, dtype=torch.float64)).sum() + a.sum()
+    (first,) = torch.autograd.grad(loss, votes, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, votes, retain_graph=True)
+    (third,) = torch.autograd.grad(loss, votes)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first, third, rtol=0, atol=0)
+
+
 def test_training_steps_leave_no_tensor_behind() -> None:
     """Nothing of EM's backward (the stacked votes, the replayed graph) stays alive after it:
     a reference cycle there would leak a few votes-sized tensors per training step."""

@@ -82,17 +82,24 @@ def _routing(routing: Any, routing_kwargs: Any, out_capsules: int, owner: str) -
     return r
 
 
-def _votes(poses: Tensor, weight: Tensor) -> Tensor:
-    """Votes ``M_k @ W_kj``: poses (R, K, 16), weight (K, N_out, 4, 4) -> (R, K, N_out, 16).
+def _vote_matrices(poses: Tensor, weight: Tensor) -> Tensor:
+    """Votes ``M_k @ W_kj``: poses (R, K, 16), weight (K, N_out, 4, 4) -> (R, K, N_out, 4, 4).
 
-    One batched matmul over the K children kinds: (K, R*4, 4) @ (K, 4, N_out*4).
+    One batched matmul over the K children kinds, (K, R*4, 4) @ (K, 4, N_out*4); the result is
+    a strided view of its output (EM reads it as it is, without a copy).
     """
     r, k = poses.shape[0], poses.shape[1]
     n_out = weight.shape[1]
     m = poses.view(r, k, POSE, POSE).permute(1, 0, 2, 3).reshape(k, r * POSE, POSE)
     w = weight.to(m.dtype).permute(0, 2, 1, 3).reshape(k, POSE, n_out * POSE)
     v = torch.bmm(m, w).view(k, r, POSE, n_out, POSE)
-    return v.permute(1, 0, 3, 2, 4).reshape(r, k, n_out, POSE_DIM)
+    return v.permute(1, 0, 3, 2, 4)
+
+
+def _votes(poses: Tensor, weight: Tensor) -> Tensor:
+    """:func:`_vote_matrices` flattened: (R, K, N_out, 16)."""
+    v = _vote_matrices(poses, weight)
+    return v.reshape(*v.shape[:3], POSE_DIM)
 
 
 class PrimaryMatrixCaps(nn.Module):
@@ -279,14 +286,17 @@ class ConvMatrixCaps2d(nn.Module):
         win_acts, _, _ = capsule_windows(
             acts.unsqueeze(-1), self.kernel_size, self.stride, self.padding
         )
-        votes, child_acts = _votes(win_poses, self.weight), win_acts[..., 0]
-        if self.assignment == "per_window":
-            out_poses, out_acts = self.routing(votes, child_acts)
-        else:  # EMRouting (checked in __init__), with the E-step normalised over all windows
-            assert isinstance(self.routing, EMRouting)
-            self.routing.check_input(votes, child_acts)
-            normalize = self._all_positions_normalizer(b, h, w, h_out, w_out)
+        child_acts = win_acts[..., 0]
+        if isinstance(self.routing, EMRouting):
+            # the votes as 4x4 matrices in the layout of their product (EM takes any strides);
+            # with "all_positions" the E-step normalises over all windows
+            normalize = None
+            if self.assignment == "all_positions":
+                normalize = self._all_positions_normalizer(b, h, w, h_out, w_out)
+            votes = _vote_matrices(win_poses, self.weight)
             out_poses, out_acts, _ = self.routing.route(votes, child_acts, normalize)
+        else:  # any other MatrixRouting, per window, through its validated forward
+            out_poses, out_acts = self.routing(_votes(win_poses, self.weight), child_acts)
         n = self.out_capsules
         out_poses = out_poses.view(b, h_out, w_out, n, POSE_DIM).permute(0, 3, 1, 2, 4)
         out_acts = out_acts.view(b, h_out, w_out, n).permute(0, 3, 1, 2)

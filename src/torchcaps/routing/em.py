@@ -253,42 +253,55 @@ class EMRouting(MatrixRouting):
 def _stacked_votes(votes: Tensor, in_place: bool) -> tuple[Tensor, Tensor]:
     """``(X, centre)``: the votes centred per parent and their squares, and the centre.
 
-    X (B * N_out, N_in, 2P) holds, per parent, its votes centred on their unweighted mean and
-    their squares; the centre is that mean, (B, N_out, P).
+    ``votes`` (B, N_in, N_out, ...) with any strides, the pose in the trailing dimensions.
+    X (2, B * N_out, N_in, P) holds, per parent, its votes centred on their unweighted mean
+    (``X[0]``) and their squares (``X[1]``); the centre is that mean, (B, N_out, P).
 
     Centring keeps the moments small, so E[x^2] - E[x]^2 loses little to cancellation even for
     votes of 1e4; the means, variances and log-densities do not depend on the shift.
     """
-    b, n_in, n_out, p = votes.shape
-    vt = votes.transpose(1, 2)  # (B, N_out, N_in, P), a view
+    b, n_in, n_out = votes.shape[:3]
+    pose = votes.shape[3:]
+    p = math.prod(pose)
+    vt = votes.transpose(1, 2)  # (B, N_out, N_in, ...), a view
     center = vt.mean(dim=2)
     if in_place:  # one buffer, no intermediate (not differentiable, not traceable)
-        stacked = votes.new_empty(b, n_out, n_in, 2 * p)
-        torch.sub(vt, center.unsqueeze(2), out=stacked[..., :p])
-        torch.mul(stacked[..., :p], stacked[..., :p], out=stacked[..., p:])
+        stacked = votes.new_empty(2, b, n_out, n_in, p)
+        torch.sub(vt, center.unsqueeze(2), out=stacked[0].view(b, n_out, n_in, *pose))
+        torch.mul(stacked[0], stacked[0], out=stacked[1])
     else:
-        x = vt - center.unsqueeze(2)
-        stacked = torch.cat([x, x.square()], dim=3)
-    return stacked.view(b * n_out, n_in, 2 * p), center
+        x = (vt - center.unsqueeze(2)).reshape(b, n_out, n_in, p)
+        stacked = torch.stack([x, x.square()])
+    return stacked.view(2, b * n_out, n_in, p), center.reshape(b, n_out, p)
 
 
 class _Passes:
-    """The two passes of EM over the stacked votes X (G, N_in, 2P), as batched products.
+    """The two passes of EM over the stacked votes X (2, G, N_in, P), as batched products.
 
     ``over_children(c)``: (G, 1, N_in) weights -> (G, 1, 2P), the weighted sums of the votes
     and of their squares; ``over_components(s)``: (G, 1, 2P) -> (G, 1, N_in), a weighted sum of
-    every vote's components and squared components.
+    every vote's components and squared components. Each is one product over both halves.
     """
 
     def __init__(self, stacked: Tensor) -> None:
         self.x = stacked
-        self.pose_dim = stacked.shape[2] // 2
+        self.pose_dim = stacked.shape[3]
 
     def over_children(self, c: Tensor) -> Tensor:
-        return torch.bmm(c, self.x)
+        return _children_product(c, self.x)
 
     def over_components(self, s: Tensor) -> Tensor:
-        return torch.bmm(s, self.x.transpose(1, 2))
+        _, g, n, p = self.x.shape
+        halves = s.view(g, 1, 2, p).permute(2, 0, 1, 3).reshape(2 * g, 1, p)
+        y = torch.bmm(halves, self.x.view(2 * g, n, p).transpose(1, 2)).view(2, g, 1, n)
+        return y[0] + y[1]
+
+
+def _children_product(c: Tensor, x: Tensor) -> Tensor:
+    """``[c X[0], c X[1]]``: (G, 1, N) weights on the two halves of ``x`` -> (G, 1, 2P)."""
+    _, g, n, p = x.shape
+    y = torch.bmm(c.expand(2, g, 1, n).reshape(2 * g, 1, n), x.view(2 * g, n, p))
+    return y.view(2, g, 1, p).permute(1, 2, 0, 3).reshape(g, 1, 2 * p)
 
 
 class _RecordedPasses(_Passes):
@@ -311,8 +324,8 @@ class _ReplayedPasses(_Passes):
     """The recorded results again, as autograd nodes of their small operands.
 
     The backward of each passes over X once for its small operand's gradient and leaves X's
-    share as an outer product ``column (G, N_in, 1) row (G, 1, 2P)``; :meth:`grad_x` sums them
-    in one batched product.
+    share as an outer product ``column (G, N_in, 1) row (G, 1, 2P)``; :meth:`grad_votes` sums
+    them in one batched product.
     """
 
     def __init__(self, stacked: Tensor, results: list[Tensor]) -> None:
@@ -327,17 +340,29 @@ class _ReplayedPasses(_Passes):
     def over_components(self, s: Tensor) -> Tensor:
         return _Pass.apply(s, self, False, next(self.results))
 
-    def grad_x(self) -> Tensor | None:
-        """X's gradient (G, N_in, 2P), or None when no pass was reached."""
+    def grad_votes(self, reuse: bool) -> Tensor:
+        """The gradient of the centred votes x, (G, N_in, P), from those of x and x^2.
+
+        d/dx = D_1 + 2 x D_2 with D = (columns) @ (rows). With ``reuse`` (the graph will not
+        be run again) it is formed in the buffer of x^2, which nothing needs any more.
+        """
+        x, x2 = self.x[0], self.x[1]
         if not self.columns:
-            return None
-        return torch.bmm(torch.cat(self.columns, dim=2), torch.cat(self.rows, dim=1))
+            return torch.zeros_like(x)
+        col = torch.cat(self.columns, dim=2)
+        row = torch.cat(self.rows, dim=1)
+        p = x.shape[2]
+        d1, d2 = row[..., :p], row[..., p:]
+        out = x2 if reuse else torch.empty_like(x2)
+        torch.bmm(col, d2.contiguous(), out=out)
+        out.mul_(x)
+        return out.baddbmm_(col, d1, beta=2.0)
 
 
 class _Pass(torch.autograd.Function):
     """A recorded pass ``y = c X`` (``over_children``) or ``y = s X^T``.
 
-    Differentiable in the small operand; X's share of the gradient goes to the passes' buffer.
+    Differentiable in the small operand; X's share of the gradient is left with the passes.
     """
 
     @staticmethod
@@ -355,16 +380,21 @@ class _Pass(torch.autograd.Function):
         # reference cycle through the passes object that nothing would collect)
         small = ctx.saved_tensors[0].detach()
         passes: _ReplayedPasses = ctx.passes
-        x = passes.x
         if ctx.over_children:  # y = c X: dc = g X^T, dX = c^T g
-            d_small = torch.bmm(grad, x.transpose(1, 2))
+            d_small = _Passes.over_components(passes, grad)
             passes.columns.append(small.transpose(1, 2))
             passes.rows.append(grad)
         else:  # y = s X^T: ds = g X, dX = g^T s
-            d_small = torch.bmm(grad, x)
+            d_small = _children_product(grad, passes.x)
             passes.columns.append(grad.transpose(1, 2))
             passes.rows.append(small)
         return d_small, None, None, None
+
+
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``); True if unknown."""
+    kept = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if kept is None else bool(kept())
 
 
 class _EMFunction(torch.autograd.Function):
@@ -372,7 +402,8 @@ class _EMFunction(torch.autograd.Function):
 
     The forward runs without a graph and records its passes over the votes; the backward
     replays the iterations on the small tensors with autograd, the recorded passes standing in
-    for the big products, and assembles the votes' gradient from X's, once.
+    for the big products, and assembles the votes' gradient once (in the buffer of the
+    squared votes, unless the graph is retained).
     """
 
     @staticmethod
@@ -400,7 +431,7 @@ class _EMFunction(torch.autograd.Function):
         ctx: Any, g_mu: Tensor | None, g_a: Tensor | None, g_r: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         a_in, beta_u, beta_a, stacked_votes, *results = ctx.saved_tensors
-        b, n_in, n_out, p = ctx.votes_shape
+        b, n_in, n_out = ctx.votes_shape[:3]
         need_votes = ctx.needs_input_grad[0]
         passes = _ReplayedPasses(stacked_votes, results)
         # Every leaf requires grad, so that every pass is in the replayed graph (X's gradient
@@ -419,16 +450,10 @@ class _EMFunction(torch.autograd.Function):
         grads = [g if need else None for g, need in zip(found, ctx.needs_input_grad[1:4])]
         if not need_votes:
             return (None, *grads, None, None)
-        stacked = passes.grad_x()
-        x = stacked_votes.view(b, n_out, n_in, 2 * p)[..., :p]
-        if stacked is None:  # no pass reached: the votes only moved the centre
-            grad = torch.zeros_like(x)
-        else:  # d(x, x^2) -> dx, in the first half of the buffer
-            stacked = stacked.view(b, n_out, n_in, 2 * p)
-            grad = stacked[..., :p].addcmul_(x, stacked[..., p:], value=2.0)
+        grad = passes.grad_votes(reuse=not _graph_kept()).view(b, n_out, n_in, -1)
         # x = v - centre and mu = m + centre, with centre the unweighted mean over children
         shift = -grad.sum(dim=2)
         if g_mu is not None:
             shift = shift + g_mu
         grad.add_(shift.unsqueeze(2), alpha=1.0 / n_in)
-        return (grad.transpose(1, 2), *grads, None, None)
+        return (grad.transpose(1, 2).view(ctx.votes_shape), *grads, None, None)
