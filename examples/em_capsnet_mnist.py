@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 import train
 from presets import Recipe, add_flag
 from torchcaps import SpreadLoss, spread_margin
 from torchcaps.models import CapsuleOutput
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 MODELS = {"small": "matrix_capsnet_small_mnist", "large": "matrix_capsnet_mnist"}
 

@@ -14,11 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+# Big CPU buffers on transparent huge pages: PyTorch's THP_MEM_ALLOC_ENABLE, read at its first
+# allocation, so set before torch is imported. The EM layers' per-step buffers of hundreds of
+# MB otherwise cost more in page faults than in arithmetic (docs/performance.md). Set
+# THP_MEM_ALLOC_ENABLE=0 to opt out.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
 
