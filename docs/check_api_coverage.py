@@ -38,6 +38,7 @@ from types import ModuleType
 #: The modules whose ``__all__`` the API reference must cover.
 MODULES = (
     "torchcaps",
+    "torchcaps.datasets",
     "torchcaps.errors",
     "torchcaps.functional",
     "torchcaps.layers",

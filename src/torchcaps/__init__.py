@@ -5,10 +5,11 @@ Composable modules for capsule networks (`Sabour et al. 2017
 with a pluggable :class:`Routing` algorithm (:class:`DynamicRouting`), :class:`MarginLoss`,
 :class:`ReconstructionLoss` and :class:`MaskedDecoder`. Functional forms live in
 :mod:`torchcaps.functional`, reference models (built by name) in :mod:`torchcaps.models`, test
-helpers in :mod:`torchcaps.testing`.
+helpers in :mod:`torchcaps.testing`, dataset readers and preprocessing in
+:mod:`torchcaps.datasets`.
 """
 
-from torchcaps import errors, functional, layers, models, routing, testing
+from torchcaps import datasets, errors, functional, layers, models, routing, testing
 from torchcaps._version import __version__
 from torchcaps.decoders import MaskedDecoder
 from torchcaps.errors import ShapeError
@@ -54,6 +55,7 @@ __all__ = [
     "SpreadLoss",
     "__version__",
     "capsule_lengths",
+    "datasets",
     "errors",
     "exp_squash",
     "functional",
