@@ -142,6 +142,25 @@ def test_conv_takes_any_matrix_routing_per_window() -> None:
         ConvMatrixCaps2d(2, 3, 3, routing=_ActivationWeightedMean())
 
 
+@pytest.mark.parametrize("assignment", ["all_positions", "per_window"])
+def test_evaluation_in_chunks_of_images_is_the_same_function(
+    assignment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without autograd the batch is routed a few whole images at a time (here one, with a
+    chunk budget of one byte): the same result as the batch in one piece."""
+    import torchcaps.layers.matrix as matrix
+
+    torch.manual_seed(0)
+    layer = ConvMatrixCaps2d(2, 3, 3, stride=1, padding=1, assignment=assignment).double()
+    x = _grid(3, 2, 5, 4)
+    whole = layer(x)  # grad mode: one piece
+    monkeypatch.setattr(matrix, "CHUNK_BYTES", 1)
+    with torch.no_grad():
+        chunked = layer(x)
+    torch.testing.assert_close(chunked.poses, whole.poses.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(chunked.activations, whole.activations.detach())
+
+
 def test_all_positions_equals_per_window_without_overlap() -> None:
     torch.manual_seed(0)
     a = ConvMatrixCaps2d(2, 3, 2, stride=2, assignment="all_positions").double()

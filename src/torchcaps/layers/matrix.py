@@ -21,10 +21,12 @@ from torchcaps._checks import (
     check_pair,
     check_shape,
     check_tensor,
+    in_graph_capture,
     shape_str,
 )
 from torchcaps.errors import ShapeError
 from torchcaps.layers._common import capsule_windows, layer_routing, output_size
+from torchcaps.layers.conv import CHUNK_BYTES
 from torchcaps.routing import EMRouting, MatrixRouting, resolve_matrix_routing
 
 __all__ = ["ClassMatrixCaps", "ConvMatrixCaps2d", "MatrixCapsules", "PrimaryMatrixCaps"]
@@ -175,7 +177,8 @@ class ConvMatrixCaps2d(nn.Module):
     - ``"per_window"``: over the parents of each window separately (each window routes as an
       independent problem; a child seen by several windows is counted once in each).
 
-    The two are the same when windows do not overlap (stride >= kernel).
+    The two are the same when windows do not overlap (stride >= kernel). Without autograd
+    (evaluation), whole images are routed in chunks of at most 64 MiB of votes.
 
     Args:
         in_capsules: capsule types :math:`N_{in}` per input position.
@@ -282,6 +285,25 @@ class ConvMatrixCaps2d(nn.Module):
                 f"{owner}: input grid {h}x{w} is smaller than the kernel {self.kernel_size} "
                 f"(padding {self.padding}); got poses {shape_str(poses.shape)}"
             )
+        kh, kw = self.kernel_size
+        per_image = 3 * 4 * h_out * w_out * kh * kw * self.in_capsules * self.out_capsules * 16
+        if torch.is_grad_enabled() or in_graph_capture() or b * per_image <= CHUNK_BYTES:
+            return self._route(poses, acts, h_out, w_out)
+        # Without a graph, whole images in chunks of at most CHUNK_BYTES of votes (and EM's
+        # stacked votes, twice their size), instead of the whole batch's at once.
+        step = max(1, CHUNK_BYTES // per_image)
+        parts = [
+            self._route(poses[i : i + step], acts[i : i + step], h_out, w_out)
+            for i in range(0, b, step)
+        ]
+        return MatrixCapsules(
+            torch.cat([part.poses for part in parts]),
+            torch.cat([part.activations for part in parts]),
+        )
+
+    def _route(self, poses: Tensor, acts: Tensor, h_out: int, w_out: int) -> MatrixCapsules:
+        """Windows, votes and routing of validated input (any number of whole images)."""
+        b, _, h, w, _ = poses.shape
         win_poses, _, _ = capsule_windows(poses, self.kernel_size, self.stride, self.padding)
         win_acts, _, _ = capsule_windows(
             acts.unsqueeze(-1), self.kernel_size, self.stride, self.padding
