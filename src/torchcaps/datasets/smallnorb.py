@@ -9,7 +9,7 @@ import gzip
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +46,9 @@ _PREFIX = {
 }
 
 
-def _open(path: Path) -> BinaryIO:
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed if it is gzipped (``.gz``)."""
+    return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
 
 
 def read_norb_matrix(path: str | Path) -> Tensor:
@@ -72,8 +73,7 @@ def read_norb_matrix(path: str | Path) -> Tensor:
         tensor([4, 0, 2], dtype=torch.int32)
     """
     path = Path(path)
-    with _open(path) as f:
-        data = f.read()
+    data = _read_bytes(path)
     if len(data) < 8:
         raise ValueError(f"{path}: {len(data)} bytes, not a NORB binary matrix (no header)")
     magic, ndim = struct.unpack_from("<ii", data)

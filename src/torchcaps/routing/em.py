@@ -366,7 +366,7 @@ class _Pass(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, small: Tensor, passes: _ReplayedPasses, over_children: bool, result: Tensor
     ) -> Tensor:
         ctx.save_for_backward(small)
@@ -375,7 +375,7 @@ class _Pass(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
         # detached: the factors kept for X's gradient must not hold the replayed graph (a
         # reference cycle through the passes object that nothing would collect)
         small = ctx.saved_tensors[0].detach()
@@ -407,7 +407,7 @@ class _EMFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         votes: Tensor,
         a_in: Tensor,
@@ -427,7 +427,7 @@ class _EMFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any, g_mu: Tensor | None, g_a: Tensor | None, g_r: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         a_in, beta_u, beta_a, stacked_votes, *results = ctx.saved_tensors
