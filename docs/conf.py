@@ -100,8 +100,8 @@ nitpick_ignore_regex = [
     (r"py:.*", r"torch(\..*)?"),
 ]
 if "python" not in intersphinx_mapping:
-    # Standard-library types in signatures, e.g. ``collections.abc.Sequence``.
-    nitpick_ignore_regex.append((r"py:.*", r"(collections\.abc|typing|contextlib)\..*"))
+    # Standard-library types in signatures, e.g. ``collections.abc.Sequence``, ``pathlib.Path``.
+    nitpick_ignore_regex.append((r"py:.*", r"(collections\.abc|typing|contextlib|pathlib)\..*"))
 
 # -- HTML --------------------------------------------------------------------------------------
 html_theme = "furo"
