@@ -245,7 +245,9 @@ def test_training_steps_leave_no_tensor_behind() -> None:
     before = live_tensors()
     for _ in range(3):
         step()
-    assert live_tensors() == before
+    # not more (other tests' garbage may still go away: fewer is fine); a cycle would keep
+    # dozens of tensors per step
+    assert live_tensors() <= before
 
 
 @settings(max_examples=20, deadline=None)
