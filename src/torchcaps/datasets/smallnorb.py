@@ -6,6 +6,7 @@ The preprocessing is that of the matrix-capsules paper (Hinton, Sabour & Frosst 
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -90,9 +91,7 @@ def read_norb_matrix(path: str | Path) -> Tensor:
         raise ValueError(f"{path}: the header needs {header} bytes, the file has {len(data)}")
     shape = struct.unpack_from(f"<{slots}i", data, 8)[:ndim]
     dtype, size = _MATRIX_TYPES[magic]
-    count = 1
-    for n in shape:
-        count *= n
+    count = math.prod(shape)
     if len(data) - header < count * size:
         raise ValueError(
             f"{path}: the header announces shape {tuple(shape)} ({count * size} bytes of data), "
