@@ -89,8 +89,30 @@ def test_routing_arguments_reach_every_routed_layer() -> None:
     )  # fmt: skip
     routings = [model.convcaps1.routing, model.convcaps2.routing, model.classcaps.routing]
     assert all(isinstance(r, EMRouting) for r in routings)
-    assert [(r.iterations, r.final_lambda) for r in routings] == [(2, 0.1)] * 3  # type: ignore[union-attr]
+    lambdas = [(r.iterations, r.final_lambda) for r in routings]  # type: ignore[union-attr]
+    assert lambdas == [(2, 0.1), (2, 0.1), (2, 0.1 * 0.25)]  # the class layer's is a quarter
     assert model.convcaps1.assignment == "per_window"
+
+
+@pytest.mark.parametrize("scale", [0.25, 1.0, 0.5])
+def test_class_lambda_scale_default_and_override(scale: float) -> None:
+    model = get_model("matrix_capsnet_small_mnist", class_lambda_scale=scale)
+    assert model.convcaps1.routing.final_lambda == 0.01  # type: ignore[union-attr]
+    assert model.convcaps2.routing.final_lambda == 0.01  # type: ignore[union-attr]
+    assert model.classcaps.routing.final_lambda == pytest.approx(0.01 * scale)  # type: ignore[union-attr]
+    assert get_model("matrix_capsnet_mnist").classcaps.routing.final_lambda == 0.0025  # type: ignore[union-attr]
+
+
+def test_class_activations_start_out_of_saturation() -> None:
+    """At initialisation the full lambda saturates every class capsule; a quarter does not."""
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        quarter = get_model("matrix_capsnet_small_mnist")(x).scores
+        torch.manual_seed(0)
+        full = get_model("matrix_capsnet_small_mnist", class_lambda_scale=1.0)(x).scores
+    assert bool((full > 0.99).all())
+    assert bool((quarter < 0.9).all())
 
 
 def test_bad_arguments() -> None:
@@ -102,5 +124,7 @@ def test_bad_arguments() -> None:
         MatrixCapsNet(convcaps1_capsules=0)
     with pytest.raises(TypeError, match="routing_kwargs must be a dict"):
         MatrixCapsNet(routing_kwargs=[1])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="class_lambda_scale"):
+        MatrixCapsNet(class_lambda_scale=0.0)
     with pytest.raises(ShapeError, match="x"):
         get_model("matrix_capsnet_small_mnist")(torch.rand(2, 1, 32, 32))
