@@ -9,6 +9,9 @@ single-process run with the same seed.
 - :class:`Shift`: the CapsNet paper's random shifts of up to 2 pixels (zero fill).
 - :class:`EfficientCapsNetAugment`: the MNIST augmentation of the Efficient-CapsNet code
   (rotation, shift within the free margin, width squish, a 4x4 erase).
+- :class:`SmallNORBAugment`: the matrix-capsule paper's smallNORB training preprocessing
+  (48x48, standardised, random 32x32 crops with brightness and contrast); it changes the
+  images' size, as an augmentation may (the model's input is its output).
 """
 
 from __future__ import annotations
@@ -21,7 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# (images (B, C, H, W) float in [0, 1], generator, rank, world) -> images of the same shape
+from torchcaps.datasets import (
+    crop_brightness_contrast,
+    preprocess_smallnorb,
+    random_crop_parameters,
+    smallnorb_downsample,
+    standardize_images,
+)
+
+# (images (B, C, H, W) float in [0, 1], generator, rank, world) -> the model's input batch
 Augment = Callable[[Tensor, torch.Generator, int, int], Tensor]
 
 
@@ -221,3 +232,41 @@ class EfficientCapsNetAugment:
         erase_top = torch.floor(draw(uniform) * span[0]).long() + self.erase_size
         erase_left = torch.floor(draw(uniform) * span[1]).long() + self.erase_size
         return erase(images, erase_top, erase_left, self.erase_size)
+
+
+@dataclass(frozen=True)
+class SmallNORBAugment:
+    """The training preprocessing of Hinton et al. (2018) for smallNORB, batched.
+
+    Downsample to 48x48 (:func:`torchcaps.datasets.smallnorb_downsample`), standardise each
+    image, then a random ``size`` x ``size`` crop with random brightness and contrast
+    (:func:`torchcaps.datasets.random_crop_parameters`, drawn for the global batch, and
+    :func:`torchcaps.datasets.crop_brightness_contrast`): what
+    :func:`torchcaps.datasets.preprocess_smallnorb` does with ``train=True``.
+    :meth:`test_input` is its test-time counterpart (the centre crop).
+    """
+
+    size: int = 32
+    max_brightness: float = 0.25
+    contrast: tuple[float, float] = (0.5, 1.5)
+
+    def __call__(
+        self, images: Tensor, generator: torch.Generator, rank: int = 0, world: int = 1
+    ) -> Tensor:
+        x = standardize_images(smallnorb_downsample(images, 48))
+        b = x.shape[0]
+        drawn = random_crop_parameters(
+            b * world,
+            (x.shape[2], x.shape[3]),
+            self.size,
+            max_brightness=self.max_brightness,
+            contrast=self.contrast,
+            generator=generator,
+            device=generator.device,
+        )
+        top, left, contrast, brightness = (t[rank * b : (rank + 1) * b].to(x.device) for t in drawn)
+        return crop_brightness_contrast(x, top, left, contrast, brightness, self.size)
+
+    def test_input(self, images: Tensor) -> Tensor:
+        """The test batch: downsampled, standardised, the centre ``size`` x ``size`` crop."""
+        return preprocess_smallnorb(images, train=False, size=self.size)

@@ -16,71 +16,12 @@ pixels. The number to report is the final epoch's.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from typing import TYPE_CHECKING, Any
 
 import train
-from presets import Recipe, add_flag
-from torchcaps import SpreadLoss, spread_margin
-from torchcaps.models import CapsuleOutput
-
-if TYPE_CHECKING:
-    from torch import Tensor
+from presets import Recipe, add_em_arguments, em_model_kwargs, scheduled_spread_loss
 
 MODELS = {"small": "matrix_capsnet_small_mnist", "large": "matrix_capsnet_mnist"}
-
-
-class ScheduledSpreadLoss:
-    """The spread loss on the class activations, its margin set from the step number.
-
-    ``schedule="linear"``: from 0.2 to 0.9 over ``ramp_epochs`` epochs, then 0.9;
-    ``"authors"``: the authors' sigmoid in the step number.
-    """
-
-    def __init__(self, schedule: str = "linear", ramp_epochs: float = 5.0) -> None:
-        self.loss = SpreadLoss(margin=0.2)
-        self.schedule = schedule
-        self.ramp_epochs = ramp_epochs
-
-    def set_step(self, step: int, steps_per_epoch: int) -> None:
-        """Called by the harness before every training step."""
-        if self.schedule == "authors":
-            self.loss.margin = spread_margin(step, schedule="authors")
-        else:
-            total = max(1, round(self.ramp_epochs * steps_per_epoch))
-            self.loss.margin = spread_margin(step, total)
-
-    def __call__(self, out: CapsuleOutput, images: Tensor, labels: Tensor) -> Tensor:
-        return self.loss(out.scores.float(), labels)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=sorted(MODELS), default="small", help="model size")
-    p.add_argument("--iterations", type=int, default=2, help="EM iterations in every layer")
-    add_flag(
-        p,
-        "--margin-schedule",
-        choices=("linear", "authors"),
-        default="linear",
-        help="the spread loss margin's schedule",
-    )
-    add_flag(
-        p,
-        "--margin-epochs",
-        type=float,
-        default=5.0,
-        help="with --margin-schedule linear: epochs over which the margin rises to 0.9",
-    )
-
-
-def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments of the model (stored in every checkpoint)."""
-    return {"routing_iterations": args.iterations}
-
-
-def loss(args: argparse.Namespace) -> ScheduledSpreadLoss:
-    return ScheduledSpreadLoss(args.margin_schedule, args.margin_epochs)
 
 
 RECIPE = Recipe(
@@ -88,9 +29,9 @@ RECIPE = Recipe(
     description="Matrix capsules with EM routing (Hinton et al. 2018) on MNIST with torchcaps.",
     model=lambda args: MODELS[args.model],
     dataset="mnist",
-    model_kwargs=model_kwargs,
-    loss=loss,
-    add_arguments=add_arguments,
+    model_kwargs=em_model_kwargs,
+    loss=scheduled_spread_loss,
+    add_arguments=lambda p: add_em_arguments(p, MODELS, iterations=2, margin_epochs=5.0),
     defaults={
         "epochs": 10,
         "batch_size": 32,

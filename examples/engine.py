@@ -36,9 +36,22 @@ class NonFiniteLossError(RuntimeError):
 CHECKPOINT_FORMAT = 2
 
 
-def to_input(images: Tensor, memory_format: torch.memory_format) -> Tensor:
-    """uint8 (B, H, W) -> float (B, 1, H, W) in [0, 1]."""
-    return (images.unsqueeze(1).float() / 255.0).contiguous(memory_format=memory_format)
+def scaled(images: Tensor) -> Tensor:
+    """uint8 (B, H, W) or (B, C, H, W) -> float (B, C, H, W) in [0, 1] (C = 1 for the first)."""
+    x = images.unsqueeze(1) if images.dim() == 3 else images
+    return x.float() / 255.0
+
+
+def to_input(
+    images: Tensor,
+    memory_format: torch.memory_format,
+    transform: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """uint8 images -> the model's float input: :func:`scaled`, then ``transform`` if any."""
+    x = scaled(images)
+    if transform is not None:
+        x = transform(x)
+    return x.contiguous(memory_format=memory_format)
 
 
 def train_batches(
@@ -105,7 +118,7 @@ def augmented_batch(
     world: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """The training batch ``index`` of uint8 ``images``: scaled to [0, 1], augmented."""
-    x = augment(images[index].unsqueeze(1).float() / 255.0, generator, rank, world)
+    x = augment(scaled(images[index]), generator, rank, world)
     return x.contiguous(memory_format=memory_format), labels[index]
 
 
@@ -187,15 +200,20 @@ def evaluate(
     *,
     batch_size: int,
     memory_format: torch.memory_format,
+    transform: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, float]:
-    """Loss and accuracy on uint8 ``images``; the decoder is masked by the prediction."""
+    """Loss and accuracy on uint8 ``images``; the decoder is masked by the prediction.
+
+    ``transform`` maps every scaled batch to the model's input (the recipe's
+    ``eval_transform``, e.g. a centre crop).
+    """
     ctx.model.eval()
     total_loss = torch.zeros((), device=ctx.device, dtype=torch.float64)
     correct = torch.zeros((), device=ctx.device, dtype=torch.long)
     n = images.shape[0]
     start = time.perf_counter()
     for s in range(0, n, batch_size):
-        x = to_input(images[s : s + batch_size], memory_format)
+        x = to_input(images[s : s + batch_size], memory_format, transform)
         y = labels[s : s + batch_size]
         loss, out = forward_loss(ctx, x, y, train=False)
         total_loss += loss.double() * y.shape[0]
@@ -459,4 +477,5 @@ class Trainer:
             self.test_labels,
             batch_size=self.args.test_batch_size,
             memory_format=self.memory_format,
+            transform=self.recipe.eval_transform,
         )

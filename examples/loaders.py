@@ -1,7 +1,8 @@
-"""Datasets of the examples as uint8 tensors: MNIST from torchvision's files, the embedded sample.
+"""Datasets of the examples as uint8 tensors: MNIST from torchvision's files, the embedded
+sample, smallNORB from its official files.
 
-The whole dataset is read into memory (47 MB for MNIST) and later moved to the training device
-in one copy; nothing here depends on torchvision except downloading.
+The whole dataset is read into memory (47 MB for MNIST, 0.9 GB for smallNORB) and later moved to
+the training device in one copy; nothing here depends on torchvision except downloading MNIST.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from torchcaps.datasets import SmallNORB
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "data" / "mnist_sample"
 MNIST_FILES = {
@@ -64,9 +67,9 @@ def read_idx(path: Path, expected_ndim: int) -> Tensor:
 
 @dataclass
 class ImageData:
-    """A dataset held as tensors: uint8 images (N, H, W), int64 labels (N,)."""
+    """A dataset held as tensors: uint8 images (N, H, W) or (N, C, H, W), int64 labels (N,)."""
 
-    train_images: Tensor  # (N, H, W) uint8
+    train_images: Tensor  # (N, H, W) or (N, C, H, W) uint8
     train_labels: Tensor  # (N,) int64
     test_images: Tensor
     test_labels: Tensor
@@ -188,8 +191,48 @@ def load_mnist_test(data_dir: Path | None, log: Callable[..., Any] = print) -> I
     return ImageData(empty, labels[:0], images, labels, source=str(raw))
 
 
+SMALLNORB_URL = "https://cs.nyu.edu/~ylclab/data/norb-v1.0-small/"
+
+
+def load_smallnorb(
+    data_dir: Path | None = None,
+    *,
+    download: bool = True,
+    embedded_sample: bool = False,
+    log: Callable[..., Any] = print,
+) -> ImageData:
+    """smallNORB from ``data_dir`` (default ``./data``): its six official files, plain or
+    gzipped, in it or in its ``smallnorb/`` (:class:`torchcaps.datasets.SmallNORB`).
+
+    Images stay uint8 (N, 2, 96, 96); the recipe's augmentation and test transform do the
+    paper's preprocessing per batch. Never downloaded (``download`` is ignored) and without an
+    embedded sample.
+    """
+    if embedded_sample:
+        raise DataError(
+            "smallNORB has no embedded sample: pass --data-dir DIR with its official files"
+        )
+    root = data_dir if data_dir is not None else Path("data")
+    try:
+        train, test = SmallNORB(root, "train"), SmallNORB(root, "test")
+    except (FileNotFoundError, ValueError) as exc:
+        raise DataError(
+            f"--data-dir {root}: {exc}. The examples do not download smallNORB: put the six "
+            f"files of {SMALLNORB_URL} in that directory"
+        ) from exc
+    log(f"smallNORB from {root}: {len(train):,} training and {len(test):,} test pairs")
+    return ImageData(train.images, train.labels, test.images, test.labels, source=str(root))
+
+
 # Dataset name -> loader taking the data flags of the command line.
-DATASETS: dict[str, Callable[..., ImageData]] = {"mnist": load_mnist}
+DATASETS: dict[str, Callable[..., ImageData]] = {"mnist": load_mnist, "smallnorb": load_smallnorb}
+# Dataset name -> what --data-dir must hold.
+DATA_DIR_HELP = {
+    "mnist": "MNIST root in torchvision layout (<dir>/MNIST/raw/...); default ./data, falling "
+    "back to the embedded sample when absent",
+    "smallnorb": "directory of the six official smallNORB files (plain or .gz, also in "
+    "<dir>/smallnorb/); default ./data; never downloaded",
+}
 
 
 def load_dataset(

@@ -17,7 +17,7 @@ from typing import Any
 from torch import Tensor
 
 from augment import Augment, Shift
-from torchcaps import MarginLoss, ReconstructionLoss
+from torchcaps import MarginLoss, ReconstructionLoss, SpreadLoss, spread_margin
 from torchcaps.models import CapsuleOutput
 
 # (output, images, labels) -> scalar loss
@@ -31,8 +31,9 @@ class Recipe:
     ``add_arguments`` adds the example's own flags to the shared parser; ``model_kwargs`` and
     ``loss`` turn the parsed command line into the model's keyword arguments (stored in every
     checkpoint) and the loss; ``model`` is a registered model name, or a function of the
-    command line that returns one; ``augment`` transforms every training batch (on the device);
-    ``runtime_kwargs`` into model arguments that change how it
+    command line that returns one; ``augment`` transforms every training batch (on the device)
+    into the model's input, ``eval_transform`` (if any) every test batch; ``runtime_kwargs``
+    turns the command line into model arguments that change how it
     computes but not its weights (not stored, free to change on ``--resume``).
     """
 
@@ -45,6 +46,7 @@ class Recipe:
     add_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
     runtime_kwargs: Callable[[argparse.Namespace], dict[str, Any]] = lambda args: {}
     augment: Augment = field(default_factory=lambda: Shift(2))
+    eval_transform: Callable[[Tensor], Tensor] | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
 
 
@@ -105,3 +107,62 @@ def capsule_loss(args: argparse.Namespace) -> LossFn:
     if not (args.recon_weight >= 0 and math.isfinite(args.recon_weight)):
         raise ValueError(f"--recon-weight must be >= 0, got {args.recon_weight}")
     return CapsuleLoss(args.recon_weight)
+
+
+class ScheduledSpreadLoss:
+    """The spread loss on the class activations, its margin set from the step number.
+
+    ``schedule="linear"``: from 0.2 to 0.9 over ``ramp_epochs`` epochs, then 0.9;
+    ``"authors"``: the authors' sigmoid in the step number. Shared by the EM recipes.
+    """
+
+    def __init__(self, schedule: str = "linear", ramp_epochs: float = 5.0) -> None:
+        self.loss = SpreadLoss(margin=0.2)
+        self.schedule = schedule
+        self.ramp_epochs = ramp_epochs
+
+    def set_step(self, step: int, steps_per_epoch: int) -> None:
+        """Called by the harness before every training step."""
+        if self.schedule == "authors":
+            self.loss.margin = spread_margin(step, schedule="authors")
+        else:
+            total = max(1, round(self.ramp_epochs * steps_per_epoch))
+            self.loss.margin = spread_margin(step, total)
+
+    def __call__(self, out: CapsuleOutput, images: Tensor, labels: Tensor) -> Tensor:
+        return self.loss(out.scores.float(), labels)
+
+
+def add_em_arguments(
+    p: argparse.ArgumentParser, models: dict[str, str], iterations: int, margin_epochs: float
+) -> None:
+    """``--model`` (a key of ``models``), ``--iterations``, ``--margin-schedule`` and
+    ``--margin-epochs``: the flags of the EM recipes, with their defaults."""
+    p.add_argument("--model", choices=sorted(models), default="small", help="model size")
+    p.add_argument(
+        "--iterations", type=int, default=iterations, help="EM iterations in every layer"
+    )
+    add_flag(
+        p,
+        "--margin-schedule",
+        choices=("linear", "authors"),
+        default="linear",
+        help="the spread loss margin's schedule",
+    )
+    add_flag(
+        p,
+        "--margin-epochs",
+        type=float,
+        default=margin_epochs,
+        help="with --margin-schedule linear: epochs over which the margin rises to 0.9",
+    )
+
+
+def em_model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The EM recipes' model arguments (stored in every checkpoint)."""
+    return {"routing_iterations": args.iterations}
+
+
+def scheduled_spread_loss(args: argparse.Namespace) -> ScheduledSpreadLoss:
+    """The EM recipes' loss, from ``--margin-schedule`` and ``--margin-epochs``."""
+    return ScheduledSpreadLoss(args.margin_schedule, args.margin_epochs)

@@ -30,7 +30,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import torch
 
 from engine import NonFiniteLossError, Trainer
-from loaders import DataError
+from loaders import DATA_DIR_HELP, DataError
 from presets import Recipe, add_flag
 from runtime import (
     CheckpointError,
@@ -110,8 +110,7 @@ def get_args_parser(recipe: Recipe, add_help: bool = True) -> argparse.ArgumentP
         "--data-dir",
         type=Path,
         default=None,
-        help=f"{recipe.dataset} root in torchvision layout (<dir>/{recipe.dataset.upper()}"
-        "/raw/...); default ./data, falling back to the embedded sample when absent",
+        help=DATA_DIR_HELP.get(recipe.dataset, f"{recipe.dataset} root; default ./data"),
     )
     add_flag(p, "--no-download", action="store_true", help="never download the dataset")
     add_flag(

@@ -5,7 +5,9 @@ Imported plainly (``from _helpers import TOL``): ``tests/`` is on pytest's ``pyt
 
 from __future__ import annotations
 
+import gzip
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +55,40 @@ def examples_env(**extra: str) -> dict[str, str]:
     """
     paths = [str(EXAMPLES), *filter(None, [os.environ.get("PYTHONPATH")])]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), **extra}
+
+
+# The smallNORB files' magic numbers per element type, and their names per split.
+NORB_MAGIC = {torch.uint8: 0x1E3D4C55, torch.int32: 0x1E3D4C54, torch.float32: 0x1E3D4C51,
+              torch.float64: 0x1E3D4C53, torch.int16: 0x1E3D4C56}  # fmt: skip
+NORB_PREFIX = {
+    "train": "smallnorb-5x46789x9x18x6x2x96x96-training",
+    "test": "smallnorb-5x01235x9x18x6x2x96x96-testing",
+}
+
+
+def write_norb_matrix(path: Path, t: torch.Tensor, compress: bool = False) -> Path:
+    """``t`` in the NORB format: magic, ndim, max(ndim, 3) sizes (1-padded), data."""
+    dims = list(t.shape) + [1] * max(0, 3 - t.dim())
+    raw = struct.pack(f"<{2 + len(dims)}i", NORB_MAGIC[t.dtype], t.dim(), *dims)
+    raw += t.contiguous().numpy().tobytes()
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(raw))
+    else:
+        path.write_bytes(raw)
+    return path
+
+
+def fake_smallnorb_split(
+    root: Path, split: str, n: int, seed: int, compress: bool = False
+) -> dict[str, torch.Tensor]:
+    """``n`` random smallNORB examples of ``split`` written to ``root`` in the official format."""
+    g = torch.Generator().manual_seed(seed)
+    data = {
+        "dat": torch.randint(0, 256, (n, 2, 96, 96), generator=g, dtype=torch.uint8),
+        "cat": torch.randint(0, 5, (n,), generator=g, dtype=torch.int32),
+        "info": torch.randint(0, 9, (n, 4), generator=g, dtype=torch.int32),
+    }
+    for kind, t in data.items():
+        write_norb_matrix(root / f"{NORB_PREFIX[split]}-{kind}.mat", t, compress)
+    return data

@@ -4,54 +4,26 @@ preprocessing against hand-computed values and per-image loops."""
 
 from __future__ import annotations
 
-import gzip
 import struct
 from pathlib import Path
 
 import pytest
 import torch
 
+from _helpers import NORB_PREFIX as PREFIX
+from _helpers import fake_smallnorb_split as fake_split
+from _helpers import write_norb_matrix as write_matrix
 from torchcaps.datasets import (
     SmallNORB,
     center_crop,
+    crop_brightness_contrast,
     preprocess_smallnorb,
     random_crop_brightness_contrast,
+    random_crop_parameters,
     read_norb_matrix,
     smallnorb_downsample,
     standardize_images,
 )
-
-MAGIC = {torch.uint8: 0x1E3D4C55, torch.int32: 0x1E3D4C54, torch.float32: 0x1E3D4C51,
-         torch.float64: 0x1E3D4C53, torch.int16: 0x1E3D4C56}  # fmt: skip
-PREFIX = {
-    "train": "smallnorb-5x46789x9x18x6x2x96x96-training",
-    "test": "smallnorb-5x01235x9x18x6x2x96x96-testing",
-}
-
-
-def write_matrix(path: Path, t: torch.Tensor, compress: bool = False) -> Path:
-    """``t`` in the NORB format: magic, ndim, max(ndim, 3) sizes (1-padded), data."""
-    dims = list(t.shape) + [1] * max(0, 3 - t.dim())
-    raw = struct.pack(f"<{2 + len(dims)}i", MAGIC[t.dtype], t.dim(), *dims)
-    raw += t.contiguous().numpy().tobytes()
-    if compress:
-        path = path.with_name(path.name + ".gz")
-        path.write_bytes(gzip.compress(raw))
-    else:
-        path.write_bytes(raw)
-    return path
-
-
-def fake_split(root: Path, split: str, n: int, seed: int, compress: bool = False) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    data = {
-        "dat": torch.randint(0, 256, (n, 2, 96, 96), generator=g, dtype=torch.uint8),
-        "cat": torch.randint(0, 5, (n,), generator=g, dtype=torch.int32),
-        "info": torch.randint(0, 9, (n, 4), generator=g, dtype=torch.int32),
-    }
-    for kind, t in data.items():
-        write_matrix(root / f"{PREFIX[split]}-{kind}.mat", t, compress)
-    return data
 
 
 @pytest.mark.parametrize("compress", [False, True])
@@ -196,3 +168,59 @@ def test_the_papers_preprocessing_on_synthetic_files(tmp_path: Path) -> None:
     expected = center_crop(standardize_images(smallnorb_downsample(test.images)), 32)
     assert torch.equal(xte, expected)
     assert bool(torch.isfinite(xtr).all())
+
+
+def test_crop_brightness_contrast_against_a_per_image_loop() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 2, 9, 11, dtype=torch.float64, generator=g)
+    top = torch.tensor([0, 5, 2, 3, 1, 5])
+    left = torch.tensor([7, 0, 3, 1, 7, 4])
+    contrast = torch.tensor([1.0, 0.5, 1.5, 0.0, 1.2, 0.9])
+    brightness = torch.tensor([0.0, -0.25, 0.1, 0.25, -0.1, 0.0])
+    out = crop_brightness_contrast(x, top, left, contrast, brightness, size=4)
+    for k in range(6):
+        window = x[k, :, int(top[k]) : int(top[k]) + 4, int(left[k]) : int(left[k]) + 4]
+        total = 0.0
+        for value in window.flatten().tolist():
+            total += value
+        mean = total / window.numel()
+        expected = (window - mean) * float(contrast[k]) + mean + float(brightness[k])
+        torch.testing.assert_close(out[k], expected)
+    assert out.dtype == torch.float64
+
+
+def test_random_crops_are_their_drawn_parameters_applied() -> None:
+    x = torch.randn(7, 2, 12, 10)
+    drawn = random_crop_parameters(
+        7, (12, 10), 5, max_brightness=0.3, contrast=(0.2, 0.4),
+        generator=torch.Generator().manual_seed(9),
+    )  # fmt: skip
+    top, left, contrast, brightness = drawn
+    assert bool(((top >= 0) & (top <= 7) & (left >= 0) & (left <= 5)).all())
+    assert bool(((contrast >= 0.2) & (contrast <= 0.4)).all())
+    assert bool((brightness.abs() <= 0.3).all())
+    random = random_crop_brightness_contrast(
+        x, 5, max_brightness=0.3, contrast=(0.2, 0.4), generator=torch.Generator().manual_seed(9)
+    )
+    torch.testing.assert_close(random, crop_brightness_contrast(x, *drawn, size=5))
+
+
+def test_crop_parameters_bad_input() -> None:
+    x = torch.randn(2, 1, 8, 8)
+    ok = (torch.zeros(2, dtype=torch.long),) * 2 + (torch.ones(2), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"top must have shape \(N,\) = \(2,\).*got \(3,\)"):
+        crop_brightness_contrast(x, torch.zeros(3, dtype=torch.long), *ok[1:], size=4)
+    with pytest.raises(TypeError, match="left must be an integer tensor"):
+        crop_brightness_contrast(x, ok[0], torch.zeros(2), *ok[2:], size=4)
+    with pytest.raises(TypeError, match="contrast must be a tensor"):
+        crop_brightness_contrast(x, ok[0], ok[1], 1.0, ok[3], size=4)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"top in \[0, 4\]"):
+        crop_brightness_contrast(x, torch.tensor([0, 5]), *ok[1:], size=4)
+    with pytest.raises(TypeError, match="floating point"):
+        crop_brightness_contrast(x.to(torch.uint8), *ok, size=4)
+    with pytest.raises(ValueError, match="larger than the images"):
+        random_crop_parameters(2, (8, 8), 9)
+    with pytest.raises(TypeError, match="image_size must be a pair"):
+        random_crop_parameters(2, (8,), 4)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        random_crop_parameters(-1, (8, 8), 4)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import em_capsnet_mnist as ex
+from presets import ScheduledSpreadLoss
 from torchcaps import SpreadLoss, spread_margin
 from torchcaps.models import CapsuleOutput
 
@@ -29,13 +30,13 @@ def test_defaults() -> None:
 
 
 def test_the_margin_follows_the_step_number() -> None:
-    loss = ex.ScheduledSpreadLoss("linear", ramp_epochs=2.0)
+    loss = ScheduledSpreadLoss("linear", ramp_epochs=2.0)
     seen = []
     for step in (0, 50, 100, 200, 400):
         loss.set_step(step, steps_per_epoch=100)
         seen.append(loss.loss.margin)
     assert seen == pytest.approx([0.2, 0.375, 0.55, 0.9, 0.9])
-    authors = ex.ScheduledSpreadLoss("authors")
+    authors = ScheduledSpreadLoss("authors")
     authors.set_step(123_456, steps_per_epoch=100)
     assert authors.loss.margin == spread_margin(123_456, schedule="authors")
     # the loss is the spread loss of the class activations at that margin
@@ -50,13 +51,13 @@ def test_a_short_run_trains_and_resumes_on_the_same_trajectory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     told: list[tuple[int, int]] = []
-    set_step = ex.ScheduledSpreadLoss.set_step
+    set_step = ScheduledSpreadLoss.set_step
 
-    def recording(self: ex.ScheduledSpreadLoss, step: int, steps_per_epoch: int) -> None:
+    def recording(self: ScheduledSpreadLoss, step: int, steps_per_epoch: int) -> None:
         told.append((step, steps_per_epoch))
         set_step(self, step, steps_per_epoch)
 
-    monkeypatch.setattr(ex.ScheduledSpreadLoss, "set_step", recording)
+    monkeypatch.setattr(ScheduledSpreadLoss, "set_step", recording)
     common = [
         "--embedded-sample",
         "--quiet",

@@ -108,5 +108,7 @@ def test_test_set_only(tmp_path: Path) -> None:
 
 
 def test_unknown_dataset() -> None:
-    with pytest.raises(loaders.DataError, match=r"unknown dataset 'cifar'; choices: \['mnist'\]"):
+    with pytest.raises(
+        loaders.DataError, match=r"unknown dataset 'cifar'; choices: \['mnist', 'smallnorb'\]"
+    ):
         loaders.load_dataset("cifar")

@@ -23,8 +23,10 @@ __all__ = [
     "SMALLNORB_CLASSES",
     "SmallNORB",
     "center_crop",
+    "crop_brightness_contrast",
     "preprocess_smallnorb",
     "random_crop_brightness_contrast",
+    "random_crop_parameters",
     "read_norb_matrix",
     "smallnorb_downsample",
     "standardize_images",
@@ -287,6 +289,84 @@ def _check_crop(images: Tensor, size: int, owner: str) -> int:
     return size
 
 
+def _check_float_crop(images: Tensor, size: int, owner: str) -> int:
+    """A float batch (N, C, H, W) and a crop size that fits it."""
+    _check_batch(images, owner)
+    size = _check_crop(images, size, owner)
+    if not images.is_floating_point():
+        raise TypeError(f"{owner}: images must be floating point, got {images.dtype}")
+    return size
+
+
+def crop_brightness_contrast(
+    images: Tensor,
+    top: Tensor,
+    left: Tensor,
+    contrast: Tensor,
+    brightness: Tensor,
+    size: int = 32,
+) -> Tensor:
+    r"""Crop image ``k`` at (``top[k]``, ``left[k]``), then set its contrast and brightness.
+
+    The deterministic part of :func:`random_crop_brightness_contrast`, for callers that draw
+    the parameters themselves (for example once for a global batch split over processes):
+    :math:`y_k = (w_k - \bar{w}_k)\, c_k + \bar{w}_k + b_k`, with :math:`w_k` the ``size`` x
+    ``size`` window of image :math:`k` (all channels), :math:`\bar{w}_k` its mean,
+    :math:`c_k` = ``contrast[k]`` and :math:`b_k` = ``brightness[k]``.
+
+    Shape:
+        - images: :math:`(N, C, H, W)`, float.
+        - top, left: :math:`(N,)` integer, ``0 <= top <= H - size``, ``0 <= left <= W - size``.
+        - contrast, brightness: :math:`(N,)` float.
+        - Output: :math:`(N, C, \text{size}, \text{size})`.
+
+    Examples:
+        >>> import torch
+        >>> from torchcaps.datasets import crop_brightness_contrast
+        >>> x = torch.arange(16.0).view(1, 1, 4, 4)
+        >>> one, zero = torch.ones(1, dtype=torch.long), torch.zeros(1)
+        >>> crop_brightness_contrast(x, one, one, torch.ones(1), zero, size=2)
+        tensor([[[[ 5.,  6.],
+                  [ 9., 10.]]]])
+    """
+    owner = "crop_brightness_contrast"
+    size = _check_float_crop(images, size, owner)
+    n, c, h, w = images.shape
+    for name, t, integer in (
+        ("top", top, True),
+        ("left", left, True),
+        ("contrast", contrast, False),
+        ("brightness", brightness, False),
+    ):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{owner}: {name} must be a tensor, got {type(t).__name__}")
+        if tuple(t.shape) != (n,):
+            raise ValueError(
+                f"{owner}: {name} must have shape (N,) = ({n},) for images "
+                f"{shape_str(images.shape)}, got {shape_str(t.shape)}"
+            )
+        if integer and t.is_floating_point():
+            raise TypeError(f"{owner}: {name} must be an integer tensor, got {t.dtype}")
+    dev = images.device
+    rows = (top.to(dev).view(n, 1) + torch.arange(size, device=dev)).view(n, 1, size, 1)
+    cols = (left.to(dev).view(n, 1) + torch.arange(size, device=dev)).view(n, 1, 1, size)
+    if n and (
+        bool((rows.min() < 0) | (rows.max() >= h)) or bool((cols.min() < 0) | (cols.max() >= w))
+    ):
+        raise ValueError(
+            f"{owner}: windows of size {size} at top in [0, {h - size}] and left in "
+            f"[0, {w - size}] fit images {shape_str(images.shape)}; got top "
+            f"{top.min().item()}..{top.max().item()}, left {left.min().item()}..{left.max().item()}"
+        )
+    batch = torch.arange(n, device=dev).view(n, 1, 1, 1)
+    chans = torch.arange(c, device=dev).view(1, c, 1, 1)
+    crops = images[batch, chans, rows, cols]  # (N, C, size, size)
+    factor = contrast.to(device=dev, dtype=images.dtype).view(n, 1, 1, 1)
+    shift = brightness.to(device=dev, dtype=images.dtype).view(n, 1, 1, 1)
+    mean = crops.mean(dim=(1, 2, 3), keepdim=True)
+    return (crops - mean) * factor + mean + shift
+
+
 def random_crop_brightness_contrast(
     images: Tensor,
     size: int = 32,
@@ -303,7 +383,8 @@ def random_crop_brightness_contrast(
     :math:`\beta` = ``max_brightness`` (the same for both cameras of a pair). The paper names
     the operations but not their ranges: the defaults (a shift of up to 0.25 and a contrast
     factor of 0.5 to 1.5, for standardised images) are torchcaps' choice. Batched, on the
-    images' device; deterministic given ``generator`` (on that device).
+    images' device; deterministic given ``generator`` (on that device). The parameters are
+    drawn by :func:`random_crop_parameters` and applied by :func:`crop_brightness_contrast`.
 
     Shape:
         - images: :math:`(N, C, H, W)`, float.
@@ -316,31 +397,69 @@ def random_crop_brightness_contrast(
         >>> random_crop_brightness_contrast(torch.rand(5, 2, 48, 48), generator=g).shape
         torch.Size([5, 2, 32, 32])
     """
-    owner = "random_crop_brightness_contrast"
-    _check_batch(images, owner)
-    size = _check_crop(images, size, owner)
-    if not images.is_floating_point():
-        raise TypeError(f"{owner}: images must be floating point, got {images.dtype}")
+    size = _check_float_crop(images, size, "random_crop_brightness_contrast")
+    n, _, h, w = images.shape
+    params = random_crop_parameters(
+        n,
+        (h, w),
+        size,
+        max_brightness=max_brightness,
+        contrast=contrast,
+        generator=generator,
+        device=images.device,
+    )
+    return crop_brightness_contrast(images, *params, size=size)
+
+
+def random_crop_parameters(
+    n: int,
+    image_size: tuple[int, int],
+    size: int = 32,
+    *,
+    max_brightness: float = 0.25,
+    contrast: tuple[float, float] = (0.5, 1.5),
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""Draw ``(top, left, contrast, brightness)`` of :func:`random_crop_brightness_contrast`.
+
+    For ``n`` images of ``image_size`` ``(H, W)``: ``top`` uniform in ``0..H - size``,
+    ``left`` in ``0..W - size`` (int64), contrast uniform in ``contrast``, brightness uniform
+    in ``[-max_brightness, max_brightness]`` (float32), in that order from ``generator``.
+
+    Shape:
+        - Output: four tensors of shape :math:`(n,)`.
+
+    Examples:
+        >>> import torch
+        >>> from torchcaps.datasets import random_crop_parameters
+        >>> g = torch.Generator().manual_seed(0)
+        >>> top, left, c, b = random_crop_parameters(3, (48, 48), 32, generator=g)
+        >>> bool(((top >= 0) & (top <= 16)).all()), bool(((c >= 0.5) & (c <= 1.5)).all())
+        (True, True)
+    """
+    owner = "random_crop_parameters"
+    n = check_int("n", n, minimum=0, owner=owner)
+    size = check_int("size", size, owner=owner)
+    if (
+        not isinstance(image_size, (tuple, list))
+        or len(image_size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in image_size)
+    ):
+        raise TypeError(f"{owner}: image_size must be a pair of ints (H, W), got {image_size!r}")
+    h, w = image_size
+    if size > min(h, w):
+        raise ValueError(f"{owner}: size {size} is larger than the images, {h}x{w}")
     low, high = contrast
     if not 0 <= low <= high or max_brightness < 0:
         raise ValueError(
             f"{owner}: contrast must be a range 0 <= low <= high and max_brightness >= 0, "
             f"got contrast={contrast}, max_brightness={max_brightness}"
         )
-    n, c, h, w = images.shape
-    dev = images.device
-    top = torch.randint(0, h - size + 1, (n,), device=dev, generator=generator)
-    left = torch.randint(0, w - size + 1, (n,), device=dev, generator=generator)
-    rows = (top.view(n, 1) + torch.arange(size, device=dev)).view(n, 1, size, 1)
-    cols = (left.view(n, 1) + torch.arange(size, device=dev)).view(n, 1, 1, size)
-    batch = torch.arange(n, device=dev).view(n, 1, 1, 1)
-    chans = torch.arange(c, device=dev).view(1, c, 1, 1)
-    crops = images[batch, chans, rows, cols]  # (N, C, size, size)
-    u = torch.rand(n, 2, device=dev, generator=generator, dtype=images.dtype)
-    factor = (low + (high - low) * u[:, 0]).view(n, 1, 1, 1)
-    shift = (max_brightness * (2 * u[:, 1] - 1)).view(n, 1, 1, 1)
-    mean = crops.mean(dim=(1, 2, 3), keepdim=True)
-    return (crops - mean) * factor + mean + shift
+    top = torch.randint(0, h - size + 1, (n,), device=device, generator=generator)
+    left = torch.randint(0, w - size + 1, (n,), device=device, generator=generator)
+    u = torch.rand(n, 2, device=device, generator=generator)
+    return top, left, low + (high - low) * u[:, 0], max_brightness * (2 * u[:, 1] - 1)
 
 
 def preprocess_smallnorb(
