@@ -28,8 +28,10 @@ from torchcaps.datasets import (
     crop_brightness_contrast,
     preprocess_smallnorb,
     random_crop_parameters,
+    random_shift_offsets,
     smallnorb_downsample,
     standardize_images,
+    translate,
 )
 
 # (images (B, C, H, W) float in [0, 1], generator, rank, world) -> the model's input batch
@@ -48,35 +50,20 @@ def random_shift(
 ) -> Tensor:
     """Shift each image independently by up to ``max_shift`` pixels in x and y, zero padded.
 
-    ``images``: (B, ..., H, W) of any dtype -> the same shape and dtype (:func:`translate`).
-    The offsets are drawn for the global batch of ``world * B`` images (see the module
-    documentation).
+    ``images``: (B, ..., H, W) of any dtype -> the same shape and dtype; the offsets of
+    :func:`torchcaps.datasets.random_shift_offsets`, drawn for the global batch of
+    ``world * B`` images (see the module documentation), applied by
+    :func:`torchcaps.datasets.translate`. With one process it is
+    :func:`torchcaps.datasets.random_shift`.
     """
-    b = images.shape[0]
-    offsets = torch.randint(
-        0, 2 * max_shift + 1, (2, b * world), generator=generator, device=generator.device
-    )[:, rank * b : (rank + 1) * b].to(images.device)
-    # offset o selects the window starting at o of the image padded by max_shift: a move by
-    # max_shift - o
-    return translate(images, max_shift - offsets[0], max_shift - offsets[1])
-
-
-def translate(images: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
-    """Move image ``k`` down by ``dy[k]`` and right by ``dx[k]`` pixels (integers), zero fill.
-
-    ``images`` (B, ..., H, W); ``dy``, ``dx`` (B,) integer tensors; pixels that leave the image
-    are dropped: ``out[k, ..., y, x] = images[k, ..., y - dy[k], x - dx[k]]`` where that is
-    inside.
-    """
-    b, h, w = images.shape[0], images.shape[-2], images.shape[-1]
-    rows = torch.arange(h, device=images.device) - dy.view(b, 1)  # (B, H) source rows
-    cols = torch.arange(w, device=images.device) - dx.view(b, 1)
-    valid = ((rows >= 0) & (rows < h)).unsqueeze(2) & ((cols >= 0) & (cols < w)).unsqueeze(1)
-    k = torch.arange(b, device=images.device).view(b, 1, 1)
-    src_rows, src_cols = rows.clamp(0, h - 1).unsqueeze(2), cols.clamp(0, w - 1).unsqueeze(1)
-    moved = images.movedim((-2, -1), (1, 2))[k, src_rows, src_cols]  # (B, H, W, ...)
-    mask = valid.view(b, h, w, *([1] * (images.dim() - 3))).to(images.dtype)
-    return (moved * mask).movedim((1, 2), (-2, -1))
+    offsets = _draw(
+        lambda n: random_shift_offsets(n, max_shift, generator=generator),
+        images.shape[0],
+        rank,
+        world,
+        images.device,
+    )
+    return translate(images, offsets[:, 0], offsets[:, 1])
 
 
 def rotate(images: Tensor, degrees: Tensor) -> Tensor:

@@ -10,24 +10,14 @@ import torch
 import torch.nn.functional as F
 
 import augment
+from torchcaps.datasets import random_shift
 
 
-def test_random_shift_is_a_per_sample_shift() -> None:
-    images = torch.randint(1, 256, (64, 28, 28), dtype=torch.uint8)
-    g = torch.Generator().manual_seed(0)
-    shifted = augment.random_shift(images, 2, g)
-    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
-    seen = set()
-    for k in range(64):
-        matches = [
-            (dy, dx)
-            for dy in range(5)
-            for dx in range(5)
-            if torch.equal(padded[k, dy : dy + 28, dx : dx + 28], shifted[k])
-        ]
-        assert len(matches) == 1  # a window of the zero-padded image: a shift of at most 2
-        seen.add(matches[0])
-    assert len(seen) > 10  # offsets drawn independently per sample
+def test_random_shift_is_the_librarys_with_one_process() -> None:
+    images = torch.rand(16, 1, 28, 28)
+    ours = augment.random_shift(images, 2, torch.Generator().manual_seed(3))
+    library = random_shift(images, 2, torch.Generator().manual_seed(3))
+    assert torch.equal(ours, library)
 
 
 def test_random_shift_shards_draw_the_global_batch_offsets() -> None:
@@ -85,19 +75,6 @@ def test_rotate_by_90_degrees_is_counter_clockwise() -> None:
     images = torch.rand(2, 1, 28, 28, dtype=torch.float64)
     out = augment.rotate(images, torch.full((2,), 90.0, dtype=torch.float64))
     torch.testing.assert_close(out, torch.rot90(images, 1, dims=(2, 3)))
-
-
-def test_translate_matches_a_loop() -> None:
-    images = torch.rand(4, 2, 6, 7)
-    dy, dx = torch.tensor([0, 2, -3, 6]), torch.tensor([1, -1, 0, -7])
-    out = augment.translate(images, dy, dx)
-    for k in range(4):
-        for y in range(6):
-            for x in range(7):
-                sy, sx = y - int(dy[k]), x - int(dx[k])
-                inside = 0 <= sy < 6 and 0 <= sx < 7
-                expected = images[k, :, sy, sx] if inside else torch.zeros(2)
-                assert torch.equal(out[k, :, y, x], expected)
 
 
 def test_margins_match_a_loop() -> None:

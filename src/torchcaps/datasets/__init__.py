@@ -6,8 +6,23 @@
   :func:`center_crop` (testing), composed by :func:`preprocess_smallnorb`; the random crop's
   parameters drawn by :func:`random_crop_parameters` and applied by
   :func:`crop_brightness_contrast`.
+- MultiMNIST (Sabour et al. 2017): :class:`MultiMNIST` (a fixed, indexable set of pairs),
+  :func:`multimnist_batch` (fresh pairs for training) and :func:`overlay_pairs` (the
+  composition both use), returning :class:`MultiMNISTSample`.
+- Shifts: :func:`random_shift` (the CapsNet paper's augmentation), its offsets
+  (:func:`random_shift_offsets`) and :func:`translate`.
+
+The generators take images as float tensors in [0, 1] of shape (N, 1, H, W), or (N, H, W), or
+uint8 (scaled to [0, 1]).
 """
 
+from torchcaps.datasets.multimnist import (
+    MultiMNIST,
+    MultiMNISTSample,
+    multimnist_batch,
+    overlay_pairs,
+)
+from torchcaps.datasets.shift import random_shift, random_shift_offsets, translate
 from torchcaps.datasets.smallnorb import (
     SMALLNORB_CLASSES,
     SmallNORB,
@@ -23,13 +38,20 @@ from torchcaps.datasets.smallnorb import (
 
 __all__ = [
     "SMALLNORB_CLASSES",
+    "MultiMNIST",
+    "MultiMNISTSample",
     "SmallNORB",
     "center_crop",
     "crop_brightness_contrast",
+    "multimnist_batch",
+    "overlay_pairs",
     "preprocess_smallnorb",
     "random_crop_brightness_contrast",
     "random_crop_parameters",
+    "random_shift",
+    "random_shift_offsets",
     "read_norb_matrix",
     "smallnorb_downsample",
     "standardize_images",
+    "translate",
 ]

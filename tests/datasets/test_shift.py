@@ -1,0 +1,86 @@
+"""torchcaps.datasets.shift: translations and the CapsNet paper's random shifts against
+per-pixel loops, their invariants over random inputs, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from torchcaps.datasets import random_shift, random_shift_offsets, translate
+
+
+def test_translate_matches_a_loop() -> None:
+    images = torch.rand(4, 2, 6, 7)
+    dy, dx = torch.tensor([0, 2, -3, 6]), torch.tensor([1, -1, 0, -7])
+    out = translate(images, dy, dx)
+    for k in range(4):
+        for y in range(6):
+            for x in range(7):
+                sy, sx = y - int(dy[k]), x - int(dx[k])
+                inside = 0 <= sy < 6 and 0 <= sx < 7
+                expected = images[k, :, sy, sx] if inside else torch.zeros(2)
+                assert torch.equal(out[k, :, y, x], expected)
+
+
+def test_random_shift_is_a_per_sample_shift_of_at_most_max_shift() -> None:
+    images = torch.randint(1, 256, (64, 28, 28), dtype=torch.uint8)
+    shifted = random_shift(images, 2, torch.Generator().manual_seed(0))
+    assert shifted.shape == (64, 1, 28, 28) and shifted.dtype == torch.float32
+    padded = torch.nn.functional.pad(images.float() / 255.0, (2, 2, 2, 2))
+    seen = set()
+    for k in range(64):
+        matches = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.equal(padded[k, dy : dy + 28, dx : dx + 28], shifted[k, 0])
+        ]
+        assert len(matches) == 1  # a window of the zero-padded image: a shift of at most 2
+        seen.add(matches[0])
+    assert len(seen) > 10  # offsets drawn independently per sample
+
+
+def test_offsets_are_the_shifts_applied() -> None:
+    x = torch.rand(10, 3, 9, 9)
+    offsets = random_shift_offsets(10, 3, generator=torch.Generator().manual_seed(7))
+    expected = translate(x, offsets[:, 0], offsets[:, 1])
+    torch.testing.assert_close(random_shift(x, 3, torch.Generator().manual_seed(7)), expected)
+    counts = torch.bincount(
+        random_shift_offsets(7000, 3, generator=torch.Generator().manual_seed(0)).flatten() + 3
+    )
+    assert counts.shape == (7,) and int(counts.min()) > 1700  # all of -3..3, about uniformly
+
+
+@given(
+    n=st.integers(1, 6),
+    max_shift=st.integers(0, 4),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_content_inside_the_margin_is_moved_not_lost(n: int, max_shift: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(n, 1, 12, 12)
+    x[:, :, 4:8, 4:8] = torch.rand(n, 1, 4, 4, generator=g)  # a 4-pixel empty border
+    y = random_shift(x, max_shift, g)
+    torch.testing.assert_close(y.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3)))
+    assert torch.equal(torch.sort(y.flatten(1)).values, torch.sort(x.flatten(1)).values)
+    if max_shift == 0:
+        assert torch.equal(y, x)
+
+
+def test_bad_input() -> None:
+    with pytest.raises(TypeError, match="random_shift: images must be a float tensor"):
+        random_shift(torch.zeros(2, 5, 5, dtype=torch.int32), 1)
+    with pytest.raises(ValueError, match=r"images must have shape \(N, C, H, W\).*got \(5, 5\)"):
+        random_shift(torch.zeros(5, 5), 1)
+    with pytest.raises(ValueError, match="max_shift must be >= 0, got -1"):
+        random_shift(torch.zeros(2, 5, 5), -1)
+    with pytest.raises(TypeError, match="max_shift must be an int"):
+        random_shift(torch.zeros(2, 5, 5), 1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"dy must be an integer tensor of shape \(N,\) = \(2,\)"):
+        translate(torch.zeros(2, 5, 5), torch.zeros(3, dtype=torch.long), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"dx must be an integer tensor.*got torch.float32"):
+        translate(torch.zeros(2, 5, 5), torch.zeros(2, dtype=torch.long), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"images must be a tensor of shape \(N, \*, H, W\)"):
+        translate(torch.zeros(5, 5), torch.zeros(5, dtype=torch.long), torch.zeros(5))
