@@ -9,6 +9,8 @@
 - MultiMNIST (Sabour et al. 2017): :class:`MultiMNIST` (a fixed, indexable set of pairs),
   :func:`multimnist_batch` (fresh pairs for training) and :func:`overlay_pairs` (the
   composition both use), returning :class:`MultiMNISTSample`.
+- An affNIST-style test set (it is not affNIST): :func:`affine_mnist`, returning
+  :class:`AffineMNIST`.
 - Shifts: :func:`random_shift` (the CapsNet paper's augmentation), its offsets
   (:func:`random_shift_offsets`) and :func:`translate`.
 
@@ -16,6 +18,7 @@ The generators take images as float tensors in [0, 1] of shape (N, 1, H, W), or 
 uint8 (scaled to [0, 1]).
 """
 
+from torchcaps.datasets.affine import AffineMNIST, affine_mnist
 from torchcaps.datasets.multimnist import (
     MultiMNIST,
     MultiMNISTSample,
@@ -38,9 +41,11 @@ from torchcaps.datasets.smallnorb import (
 
 __all__ = [
     "SMALLNORB_CLASSES",
+    "AffineMNIST",
     "MultiMNIST",
     "MultiMNISTSample",
     "SmallNORB",
+    "affine_mnist",
     "center_crop",
     "crop_brightness_contrast",
     "multimnist_batch",
