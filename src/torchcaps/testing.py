@@ -277,7 +277,7 @@ def assert_matrix_routing_contract(
     )
 
 
-def _fields(out: object, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
+def _fields(out: object, name: str) -> tuple[Tensor, Tensor | None, Tensor | None]:
     fields = getattr(out, "_fields", None)
     if fields != ("scores", "capsules", "reconstruction"):
         raise AssertionError(
@@ -285,7 +285,7 @@ def _fields(out: object, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
             f"got {type(out).__name__}"
         )
     scores: Tensor = out.scores  # type: ignore[attr-defined]
-    capsules: Tensor = out.capsules  # type: ignore[attr-defined]
+    capsules: Tensor | None = out.capsules  # type: ignore[attr-defined]
     recon: Tensor | None = out.reconstruction  # type: ignore[attr-defined]
     return scores, capsules, recon
 
@@ -305,8 +305,9 @@ def assert_model_contract(
 
     1. ``model`` has ``in_shape`` (a tuple) and ``num_classes`` (an int);
     2. ``model(x, y)`` and ``model(x)`` return a :class:`~torchcaps.models.CapsuleOutput`
-       with ``scores`` :math:`(B, K)`, ``capsules`` :math:`(B, K, D)` and ``reconstruction``
-       :math:`(B, *\text{in\_shape})` or ``None``, all finite;
+       with ``scores`` :math:`(B, K)`, ``capsules`` :math:`(B, K, D)` or ``None`` (a model
+       without capsules) and ``reconstruction`` :math:`(B, *\text{in\_shape})` or ``None``,
+       all finite;
     3. without a target the reconstruction equals the one masked by the prediction
        ``scores.argmax(1)``;
     4. a loss on every output has finite gradients for every parameter that takes part, and
@@ -340,7 +341,9 @@ def assert_model_contract(
     scores, capsules, recon = _fields(model(x, y), name)
     if tuple(scores.shape) != (batch, num_classes):
         raise AssertionError(f"{name}: scores must be (B, K) = {(batch, num_classes)}")
-    if capsules.dim() != 3 or tuple(capsules.shape[:2]) != (batch, num_classes):
+    if capsules is not None and (
+        capsules.dim() != 3 or tuple(capsules.shape[:2]) != (batch, num_classes)
+    ):
         raise AssertionError(f"{name}: capsules must be (B, K, D), got {tuple(capsules.shape)}")
     if recon is not None and tuple(recon.shape) != (batch, *in_shape):
         raise AssertionError(

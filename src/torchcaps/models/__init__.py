@@ -19,6 +19,7 @@ from torchcaps.models._api import (
     list_models,
     register_model,
 )
+from torchcaps.models.baseline_cnn import BaselineCNN, baseline_cnn_mnist
 from torchcaps.models.capsnet import CapsNet, capsnet_mnist
 from torchcaps.models.convcaps import ConvCapsNet, convcaps_mnist
 from torchcaps.models.efficient_capsnet import EfficientCapsNet, efficient_capsnet_mnist
@@ -31,11 +32,13 @@ from torchcaps.models.matrix_capsnet import (
 )
 
 __all__ = [
+    "BaselineCNN",
     "CapsNet",
     "CapsuleOutput",
     "ConvCapsNet",
     "EfficientCapsNet",
     "MatrixCapsNet",
+    "baseline_cnn_mnist",
     "capsnet_mnist",
     "convcaps_mnist",
     "efficient_capsnet_mnist",

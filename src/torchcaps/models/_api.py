@@ -21,12 +21,13 @@ class CapsuleOutput(NamedTuple):
     treat it as a tuple of its fields (``None`` fields are dropped from an exported graph). The
     fields: ``scores``, the class scores, whose argmax is the prediction (for
     :class:`~torchcaps.models.CapsNet` the lengths of the class capsules); ``capsules``, the
-    class capsules; ``reconstruction``, the decoder's output, masked by the target when one is
+    class capsules, or ``None`` for a model without capsules (the baseline CNN);
+    ``reconstruction``, the decoder's output, masked by the target when one is
     given and by the prediction otherwise, or ``None`` for a model without decoder.
 
     Shape:
         - scores: :math:`(B, K)`.
-        - capsules: :math:`(B, K, D)`.
+        - capsules: :math:`(B, K, D)`, or ``None``.
         - reconstruction: :math:`(B, *)`, the input's shape, or ``None``.
 
     Examples:
@@ -39,7 +40,7 @@ class CapsuleOutput(NamedTuple):
     """
 
     scores: Tensor
-    capsules: Tensor
+    capsules: Tensor | None
     reconstruction: Tensor | None
 
 
