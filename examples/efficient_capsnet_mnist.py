@@ -36,6 +36,7 @@ RECIPE = Recipe(
     description="Efficient-CapsNet (Mazzia et al. 2021) on MNIST with torchcaps.",
     model="efficient_capsnet_mnist",
     dataset="mnist",
+    alt_datasets=("fashion-mnist",),
     model_kwargs=model_kwargs,
     loss=capsule_loss,
     add_arguments=add_reconstruction_arguments,

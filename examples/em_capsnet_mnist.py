@@ -29,6 +29,7 @@ RECIPE = Recipe(
     description="Matrix capsules with EM routing (Hinton et al. 2018) on MNIST with torchcaps.",
     model=lambda args: MODELS[args.model],
     dataset="mnist",
+    alt_datasets=("fashion-mnist",),
     model_kwargs=em_model_kwargs,
     loss=scheduled_spread_loss,
     add_arguments=lambda p: add_em_arguments(p, MODELS, iterations=2, margin_epochs=5.0),

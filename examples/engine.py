@@ -293,7 +293,7 @@ class Trainer:
                 f"{self.dist.world}"
             )
         data = load_dataset(
-            recipe.dataset,
+            getattr(args, "dataset", recipe.dataset),
             args.data_dir,
             download=not args.no_download,
             embedded_sample=args.embedded_sample,

@@ -191,6 +191,71 @@ def load_mnist_test(data_dir: Path | None, log: Callable[..., Any] = print) -> I
     return ImageData(empty, labels[:0], images, labels, source=str(raw))
 
 
+FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+
+
+def load_fashion_mnist(
+    data_dir: Path | None = None,
+    *,
+    download: bool = True,
+    embedded_sample: bool = False,
+    log: Callable[..., Any] = print,
+) -> ImageData:
+    """Fashion-MNIST (Xiao et al. 2017): the MNIST file layout, 28x28 uint8, 10 classes.
+
+    Looked for, in this order, in ``data_dir`` itself (the four idx files, plain or gzipped,
+    as Debian's ``dataset-fashion-mnist`` installs them in
+    ``/usr/share/datasets/fashion-mnist``, the default when ``data_dir`` is ``None``) and in
+    ``data_dir/FashionMNIST/raw/`` (torchvision's layout, downloaded there when missing unless
+    ``download`` is false). No embedded sample.
+    """
+    if embedded_sample:
+        raise DataError("Fashion-MNIST has no embedded sample: pass --data-dir DIR")
+    root = data_dir if data_dir is not None else FASHION_MNIST_DEBIAN
+    for directory in (root, root / "FashionMNIST" / "raw"):
+        for suffix in ("", ".gz"):
+            if all((directory / (name + suffix)).is_file() for name in _idx_names()):
+                data = ImageData(
+                    *load_split(directory, "train", suffix),
+                    *load_split(directory, "test", suffix),
+                    source=str(directory),
+                )
+                _check_counts(data, directory)
+                return data
+    if download and data_dir is not None:
+        log(f"Fashion-MNIST not found under {root}; downloading ...")
+        try:
+            from torchvision.datasets import FashionMNIST
+
+            for train in (True, False):
+                FashionMNIST(str(root), train=train, download=True)
+        except Exception as exc:
+            raise DataError(
+                f"--data-dir {root}: Fashion-MNIST is not there and the download failed "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0]})"
+            ) from exc
+        return load_fashion_mnist(root, download=False, log=log)
+    raise DataError(
+        f"Fashion-MNIST expected at {root}/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte[.gz] "
+        f"or {root}/FashionMNIST/raw/ (apt-get install dataset-fashion-mnist puts it in "
+        f"{FASHION_MNIST_DEBIAN}; --data-dir DIR to download it there)"
+    )
+
+
+def _idx_names() -> list[str]:
+    return [name for image, label, _ in MNIST_FILES.values() for name in (image, label)]
+
+
+def _check_counts(data: ImageData, directory: Path) -> None:
+    for split, images in (("train", data.train_images), ("test", data.test_images)):
+        expected = MNIST_FILES[split][2]
+        if images.shape[0] != expected:
+            raise DataError(
+                f"{directory}: {images.shape[0]} {split} images, expected {expected}: the files "
+                "are truncated or not Fashion-MNIST"
+            )
+
+
 SMALLNORB_URL = "https://cs.nyu.edu/~ylclab/data/norb-v1.0-small/"
 
 
@@ -225,11 +290,17 @@ def load_smallnorb(
 
 
 # Dataset name -> loader taking the data flags of the command line.
-DATASETS: dict[str, Callable[..., ImageData]] = {"mnist": load_mnist, "smallnorb": load_smallnorb}
+DATASETS: dict[str, Callable[..., ImageData]] = {
+    "mnist": load_mnist,
+    "fashion-mnist": load_fashion_mnist,
+    "smallnorb": load_smallnorb,
+}
 # Dataset name -> what --data-dir must hold.
 DATA_DIR_HELP = {
     "mnist": "MNIST root in torchvision layout (<dir>/MNIST/raw/...); default ./data, falling "
     "back to the embedded sample when absent",
+    "fashion-mnist": "Fashion-MNIST's four idx files (plain or .gz) or <dir>/FashionMNIST/raw/; "
+    f"default {FASHION_MNIST_DEBIAN} (Debian's dataset-fashion-mnist)",
     "smallnorb": "directory of the six official smallNORB files (plain or .gz, also in "
     "<dir>/smallnorb/); default ./data; never downloaded",
 }

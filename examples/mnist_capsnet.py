@@ -56,6 +56,7 @@ RECIPE = Recipe(
     description="CapsNet (Sabour et al. 2017) on MNIST with torchcaps.",
     model="capsnet_mnist",
     dataset="mnist",
+    alt_datasets=("fashion-mnist",),
     model_kwargs=model_kwargs,
     loss=capsule_loss,
     add_arguments=add_arguments,

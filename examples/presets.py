@@ -32,7 +32,8 @@ class Recipe:
     ``loss`` turn the parsed command line into the model's keyword arguments (stored in every
     checkpoint) and the loss; ``model`` is a registered model name, or a function of the
     command line that returns one; ``augment`` transforms every training batch (on the device)
-    into the model's input, ``eval_transform`` (if any) every test batch; ``runtime_kwargs``
+    into the model's input, ``eval_transform`` (if any) every test batch; ``alt_datasets``
+    are the other datasets of the same image shape that ``--dataset`` may pick; ``runtime_kwargs``
     turns the command line into model arguments that change how it
     computes but not its weights (not stored, free to change on ``--resume``).
     """
@@ -47,6 +48,7 @@ class Recipe:
     runtime_kwargs: Callable[[argparse.Namespace], dict[str, Any]] = lambda args: {}
     augment: Augment = field(default_factory=lambda: Shift(2))
     eval_transform: Callable[[Tensor], Tensor] | None = None
+    alt_datasets: tuple[str, ...] = ()
     defaults: dict[str, Any] = field(default_factory=dict)
 
 

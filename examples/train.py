@@ -105,12 +105,24 @@ def get_args_parser(recipe: Recipe, add_help: bool = True) -> argparse.ArgumentP
         metavar="N",
         help="batches between progress updates (the only host syncs of an epoch)",
     )
+    datasets = (recipe.dataset, *recipe.alt_datasets)
+    add_flag(
+        p,
+        "--dataset",
+        choices=datasets,
+        default=recipe.dataset,
+        help="the dataset to train and test on",
+    )
     add_flag(
         p,
         "--data-dir",
         type=Path,
         default=None,
-        help=DATA_DIR_HELP.get(recipe.dataset, f"{recipe.dataset} root; default ./data"),
+        help="; ".join(
+            (f"{d}: " if len(datasets) > 1 else "")
+            + DATA_DIR_HELP.get(d, f"{d} root; default ./data")
+            for d in datasets
+        ),
     )
     add_flag(p, "--no-download", action="store_true", help="never download the dataset")
     add_flag(
@@ -256,6 +268,13 @@ def _resume(trainer: Trainer, path: Path, log: Callable[..., Any]) -> None:
         raise CheckpointError(
             f"checkpoint {path} was trained with --lr-schedule {saved_schedule}, "
             f"cannot resume it with --lr-schedule {args.lr_schedule}"
+        )
+    # Checkpoints without a saved --dataset were trained on the recipe's own.
+    saved_dataset = saved.get("dataset", trainer.recipe.dataset)
+    if saved_dataset != args.dataset:
+        raise CheckpointError(
+            f"checkpoint {path} was trained on {saved_dataset}, cannot resume it with "
+            f"--dataset {args.dataset}"
         )
     if args.lr_schedule == "cosine" and saved.get("epochs", args.epochs) != args.epochs:
         log(

@@ -109,6 +109,66 @@ def test_test_set_only(tmp_path: Path) -> None:
 
 def test_unknown_dataset() -> None:
     with pytest.raises(
-        loaders.DataError, match=r"unknown dataset 'cifar'; choices: \['mnist', 'smallnorb'\]"
+        loaders.DataError,
+        match=r"unknown dataset 'cifar'; choices: \['fashion-mnist', 'mnist', 'smallnorb'\]",
     ):
         loaders.load_dataset("cifar")
+
+
+def _fake_fashion(directory: Path, compress: bool) -> None:
+    """Full-size Fashion-MNIST files (the MNIST layout): image k is k % 251, label k % 10."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for images, labels, count in loaders.MNIST_FILES.values():
+        pixels = (torch.arange(count) % 251).to(torch.uint8).repeat_interleave(784)
+        for name, dims, body in (
+            (images, (count, 28, 28), pixels.numpy().tobytes()),
+            (labels, (count,), (torch.arange(count) % 10).to(torch.uint8).numpy().tobytes()),
+        ):
+            data = (0x0800 + len(dims)).to_bytes(4, "big")
+            data += b"".join(d.to_bytes(4, "big") for d in dims) + body
+            if compress:
+                (directory / (name + ".gz")).write_bytes(gzip.compress(data, compresslevel=1))
+            else:
+                (directory / name).write_bytes(data)
+
+
+@pytest.mark.parametrize("layout", ["debian_gz", "torchvision"])
+def test_fashion_mnist_in_either_layout(tmp_path: Path, layout: str) -> None:
+    if layout == "debian_gz":
+        _fake_fashion(tmp_path, compress=True)
+        where = tmp_path
+    else:
+        where = tmp_path / "FashionMNIST" / "raw"
+        _fake_fashion(where, compress=False)
+    data = loaders.load_dataset("fashion-mnist", tmp_path, download=False, log=quiet)
+    assert data.train_images.shape == (60000, 28, 28) and data.test_labels.shape == (10000,)
+    assert int(data.train_images[300, 0, 0]) == 300 % 251 and int(data.train_labels[13]) == 3
+    assert data.source == str(where)
+
+
+def test_fashion_mnist_errors(tmp_path: Path) -> None:
+    with pytest.raises(loaders.DataError, match="apt-get install dataset-fashion-mnist"):
+        loaders.load_dataset("fashion-mnist", tmp_path, download=False, log=quiet)
+    with pytest.raises(loaders.DataError, match="no embedded sample"):
+        loaders.load_dataset("fashion-mnist", None, embedded_sample=True, log=quiet)
+    _fake_fashion(tmp_path, compress=False)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(
+        (0x0801).to_bytes(4, "big") + (5).to_bytes(4, "big") + bytes(5)
+    )
+    with pytest.raises(loaders.DataError, match="do not match labels"):
+        loaders.load_dataset("fashion-mnist", tmp_path, download=False, log=quiet)
+
+
+def test_an_mnist_preset_trains_on_fashion_mnist_and_resumes_only_on_it(tmp_path: Path) -> None:
+    data = tmp_path / "data"  # both datasets in torchvision's layout
+    _fake_fashion(data / "FashionMNIST" / "raw", compress=True)
+    _fake_mnist(data)
+    common = ["--data-dir", str(data), "--no-download", "--quiet", "--max-train-samples", "32",
+              "--batch-size", "16", "--max-steps", "1", "--max-test-samples", "16",
+              "--no-reconstruction", "--out-dir", str(tmp_path / "run")]  # fmt: skip
+    history = mnist_capsnet.run([*common, "--dataset", "fashion-mnist", "--epochs", "1"], log=quiet)
+    assert history[0]["test_samples"] == 16
+    with pytest.raises(
+        Exception, match="trained on fashion-mnist, cannot resume it with --dataset mnist"
+    ):
+        mnist_capsnet.run([*common, "--epochs", "2", "--resume"], log=quiet)
