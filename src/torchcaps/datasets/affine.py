@@ -5,8 +5,8 @@ downloaded where torchcaps is tested, so :func:`affine_mnist` builds a set with 
 ranges from any digits instead; it is not affNIST, and results on it are not affNIST results.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: the NamedTuple's field types stay real classes, which
+# the API docs resolve.
 from typing import NamedTuple
 
 import torch

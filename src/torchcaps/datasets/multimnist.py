@@ -1,7 +1,7 @@
 """MultiMNIST (Sabour, Frosst & Hinton 2017, section 6): pairs of overlapping shifted digits."""
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: the NamedTuple's field types stay real classes, which
+# the API docs resolve.
 from typing import Any, NamedTuple
 
 import torch

@@ -1,0 +1,212 @@
+"""Run one example preset for several seeds and report the final epoch's mean and spread.
+
+    python examples/seed_sweep.py --recipe mnist_capsnet --seeds 1 2 3 \\
+        --out-dir runs/sweep --results docs/results.md -- --data-dir DIR
+
+Each seed trains in ``OUT_DIR/seed_<s>`` with the preset's flags after ``--`` plus ``--seed
+<s>``; a seed whose directory already holds ``last.pt`` is resumed (``--resume``), and one
+that has finished is not run again, so a sweep that does not fit one session continues in the
+next with the same command. ``--report-only`` trains nothing. The summary counts only the
+seeds that reached the preset's last epoch (``--epochs`` of the flags after ``--``, or the
+preset's default; with ``--report-only`` and no flags, what each run recorded): the mean and
+the sample standard deviation (n - 1) of their final-epoch test accuracy; the others are
+listed with the epoch they reached, as partial. With ``--results FILE`` the summary is
+written into that Markdown file, in a section between ``<!-- seed-sweep:NAME -->`` and
+``<!-- /seed-sweep:NAME -->`` (replaced on every run, appended the first time), with the
+command, machine, commit and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SeedRun:
+    """What one seed's directory says: epochs done of the total, final and best accuracy."""
+
+    seed: int
+    epochs_done: int
+    epochs_total: int
+    final_accuracy: float | None
+    best_accuracy: float | None
+
+    @property
+    def complete(self) -> bool:
+        return self.epochs_total > 0 and self.epochs_done >= self.epochs_total
+
+
+def read_run(seed: int, directory: Path, epochs: int | None = None) -> SeedRun:
+    """The state of ``directory`` (its ``metrics.jsonl``) against ``epochs`` in total.
+
+    ``epochs=None``: the total its ``config.json`` recorded (0 when there is none).
+    """
+    total = epochs or 0
+    config = directory / "config.json"
+    if epochs is None and config.is_file():
+        total = int(json.loads(config.read_text()).get("epochs", 0))
+    metrics = directory / "metrics.jsonl"
+    rows = []
+    if metrics.is_file():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if not rows:
+        return SeedRun(seed, 0, total, None, None)
+    last = rows[-1]
+    best = max(float(r["test_accuracy"]) for r in rows)
+    return SeedRun(seed, int(last["epoch"]), total, float(last["test_accuracy"]), best)
+
+
+def summary(runs: Sequence[SeedRun]) -> tuple[float, float] | None:
+    """Mean and sample standard deviation of the complete runs' final accuracy (None if < 1)."""
+    finals = [r.final_accuracy for r in runs if r.complete and r.final_accuracy is not None]
+    if not finals:
+        return None
+    spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
+    return statistics.fmean(finals), spread
+
+
+def markdown(name: str, runs: Sequence[SeedRun], command: str, machine: str, commit: str) -> str:
+    """The results-page section of a sweep."""
+    done = [r for r in runs if r.complete]
+    stats = summary(runs)
+    lines = [f"<!-- seed-sweep:{name} -->", f"## Seed sweep: {name}", ""]
+    if stats is None:
+        lines.append(f"**Partial: none of the {len(runs)} seeds has finished. Not a result.**")
+    else:
+        mean, std = stats
+        head = f"**Final epoch, mean +- std over {len(done)} seed(s): {mean:.2f}% +- {std:.2f}**"
+        if len(done) < len(runs):
+            head += f" (partial: {len(runs) - len(done)} of {len(runs)} seeds not finished)"
+        lines.append(head + ". Standard deviation with n - 1.")
+    lines += [
+        "",
+        "| seed | epochs | final test acc (%) | best test acc (%) |",
+        "|---|---|---|---|",
+    ]
+    for r in runs:
+        final = "-" if r.final_accuracy is None else f"{r.final_accuracy:.2f}"
+        best = "-" if r.best_accuracy is None else f"{r.best_accuracy:.2f}"
+        state = f"{r.epochs_done} of {r.epochs_total}" + ("" if r.complete else " (partial)")
+        lines.append(f"| {r.seed} | {state} | {final} | {best} |")
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines += [
+        "",
+        f"Command: `{command}`; machine: {machine}; torchcaps commit {commit}; written {date}.",
+        "The best epoch is chosen on the test set, for comparison only.",
+        f"<!-- /seed-sweep:{name} -->",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, name: str, section: str) -> None:
+    """Replace the sweep's marked section of ``path``, or append it."""
+    text = path.read_text() if path.is_file() else ""
+    start, end = f"<!-- seed-sweep:{name} -->", f"<!-- /seed-sweep:{name} -->"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        after = rest.split(end, 1)[1].lstrip("\n")
+        text = before + section + ("\n" + after if after else "")
+    else:
+        text = (text.rstrip() + "\n\n" if text.strip() else "") + section
+    path.write_text(text)
+
+
+def _machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {platform.system()}"
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Run an example preset for several seeds; report mean +- std of the final "
+        "epoch. The preset's own flags follow '--'."
+    )
+    p.add_argument("--recipe", required=True, help="example module, e.g. mnist_capsnet")
+    p.add_argument("--seeds", type=int, nargs="+", required=True, help="the seeds to run")
+    p.add_argument("--out-dir", type=Path, required=True, help="one seed_<s> directory per seed")
+    p.add_argument(
+        "--results", type=Path, default=None, help="Markdown file to write the summary into"
+    )
+    p.add_argument("--name", default=None, help="the section's name (default: the recipe)")
+    p.add_argument("--report-only", action="store_true", help="train nothing, only report")
+    return p
+
+
+def sweep(argv: Sequence[str] | None = None, log: Callable[..., Any] = print) -> list[SeedRun]:
+    """Run (or resume) every seed, then report; return each seed's state."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    full = list(argv)
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
+    args = build_parser().parse_args(argv)
+    for flag in ("--seed", "--out-dir", "--resume"):
+        if any(a == flag or a.startswith(flag + "=") for a in extra):
+            raise SystemExit(f"seed_sweep: {flag} is set per seed; do not pass it after '--'")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit(f"seed_sweep: --seeds has repeats: {args.seeds}")
+    module = importlib.import_module(args.recipe)
+    # the preset's epochs, from its flags; for a report without flags, what each run recorded
+    epochs = module.parse_args(extra).epochs if extra or not args.report_only else None
+    runs = []
+    for seed in args.seeds:
+        directory = args.out_dir / f"seed_{seed}"
+        state = read_run(seed, directory, epochs)
+        if not args.report_only and not state.complete:
+            resume = ["--resume"] if (directory / "last.pt").is_file() else []
+            log(f"seed {seed}: {'resuming' if resume else 'starting'} in {directory}")
+            module.run([*extra, "--seed", str(seed), "--out-dir", str(directory), *resume], log=log)
+            state = read_run(seed, directory, epochs)
+        runs.append(state)
+    name = args.name or args.recipe
+    command = "python examples/seed_sweep.py " + shlex.join(
+        [a for a in full if a != "--report-only"]
+    )
+    section = markdown(name, runs, command, _machine(), _commit())
+    log(section)
+    if args.results is not None:
+        write_section(args.results, name, section)
+    return runs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    sweep(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""examples/seed_sweep.py: a sweep of tiny runs on the embedded sample (resumed and continued
+across invocations), its statistics against hand computation, and the results-page section."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+import seed_sweep
+from _helpers import quiet
+
+TINY = ["--embedded-sample", "--quiet", "--max-train-samples", "32", "--batch-size", "16",
+        "--max-steps", "1", "--max-test-samples", "16", "--no-reconstruction"]  # fmt: skip
+
+
+def test_a_sweep_runs_every_seed_then_resumes_and_reports(tmp_path: Path) -> None:
+    out, page = tmp_path / "sweep", tmp_path / "results.md"
+    page.write_text("# Results\n\nsomething before\n")
+    common = ["--recipe", "mnist_capsnet", "--seeds", "3", "4", "--out-dir", str(out),
+              "--results", str(page), "--name", "tiny"]  # fmt: skip
+    first = seed_sweep.sweep([*common, "--", *TINY, "--epochs", "1"], log=quiet)
+    assert [(r.seed, r.epochs_done, r.complete) for r in first] == [(3, 1, True), (4, 1, True)]
+    # the two seeds differ: they were trained with their own --seed
+    configs = [json.loads((out / f"seed_{s}" / "config.json").read_text()) for s in (3, 4)]
+    assert [c["seed"] for c in configs] == [3, 4]
+    # a longer preset: both resume from epoch 1 (their metrics keep epoch 1's line)
+    second = seed_sweep.sweep([*common, "--", *TINY, "--epochs", "2"], log=quiet)
+    assert [(r.epochs_done, r.epochs_total) for r in second] == [(2, 2), (2, 2)]
+    lines = (out / "seed_3" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+    finals = [r.final_accuracy for r in second]
+    mean, std = statistics.fmean(finals), statistics.stdev(finals)  # type: ignore[arg-type]
+    text = page.read_text()
+    assert text.startswith("# Results\n\nsomething before\n")
+    assert text.count("<!-- seed-sweep:tiny -->") == 1  # replaced, not appended twice
+    assert f"mean +- std over 2 seed(s): {mean:.2f}% +- {std:.2f}" in text
+    assert "| 3 | 2 of 2 |" in text and "--seeds 3 4" in text
+    # report only: nothing trains, the same numbers
+    again = seed_sweep.sweep([*common, "--report-only"], log=quiet)
+    assert again == second
+
+
+def test_partial_seeds_are_listed_but_not_counted(tmp_path: Path) -> None:
+    runs = [
+        seed_sweep.SeedRun(1, 10, 10, 99.5, 99.6),
+        seed_sweep.SeedRun(2, 10, 10, 99.7, 99.7),
+        seed_sweep.SeedRun(3, 4, 10, 98.0, 98.0),
+    ]
+    assert seed_sweep.summary(runs) == pytest.approx((99.6, statistics.stdev([99.5, 99.7])))
+    text = seed_sweep.markdown("x", runs, "cmd", "cpu", "abc1234")
+    assert "over 2 seed(s): 99.60% +- 0.14** (partial: 1 of 3 seeds not finished)" in text
+    assert "| 3 | 4 of 10 (partial) | 98.00 | 98.00 |" in text
+    assert seed_sweep.summary(runs[2:]) is None
+    assert "none of the 1 seeds has finished" in seed_sweep.markdown("x", runs[2:], "c", "m", "k")
+    assert seed_sweep.read_run(5, tmp_path / "absent") == seed_sweep.SeedRun(5, 0, 0, None, None)
+
+
+def test_flags_set_per_seed_are_refused(tmp_path: Path) -> None:
+    base = ["--recipe", "mnist_capsnet", "--seeds", "1", "--out-dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match="--seed is set per seed"):
+        seed_sweep.sweep([*base, "--", "--seed", "3"], log=quiet)
+    with pytest.raises(SystemExit, match="--out-dir is set per seed"):
+        seed_sweep.sweep([*base, "--", "--out-dir=x"], log=quiet)
+    with pytest.raises(SystemExit, match="repeats"):
+        seed_sweep.sweep(["--recipe", "mnist_capsnet", "--seeds", "1", "1", "--out-dir", "x"])
