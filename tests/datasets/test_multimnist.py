@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torchcaps.datasets import MultiMNIST, MultiMNISTSample, multimnist_batch, overlay_pairs
+from torchcaps.datasets import (
+    MultiMNIST,
+    MultiMNISTBatches,
+    MultiMNISTSample,
+    multimnist_batch,
+    overlay_pairs,
+)
 
 
 def _digits(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +121,8 @@ def test_training_batches_have_every_property(seed: int, b: int, max_shift: int)
                 except AssertionError:
                     pass
             assert len(shifts) == 1  # a shift within max_shift of exactly one source digit
-    again = multimnist_batch(images, labels, b, generator=g2, max_shift=max_shift)
+    batches = MultiMNISTBatches(images, labels, max_shift=max_shift)
+    again = batches.sample(b, g2)  # the same draws: the same pairs
     assert all(torch.equal(x, y) for x, y in zip(out, again, strict=True))
 
 
@@ -160,6 +167,10 @@ def test_bad_input() -> None:
         MultiMNIST(images, labels)[20]
     with pytest.raises(ValueError, match="canvas 20 is smaller than the images, 28x28"):
         multimnist_batch(images, labels, 2, canvas=20)
+    with pytest.raises(ValueError, match="MultiMNIST: canvas 27 is smaller"):
+        MultiMNIST(images, labels, canvas=27)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        MultiMNISTBatches(images, labels).sample(0)
     with pytest.raises(ValueError, match=r"shifts must be an integer tensor \(B, 2, 2\)"):
         overlay_pairs(images, labels, torch.tensor([0]), torch.tensor([1]), torch.zeros(1, 2))
     with pytest.raises(ValueError, match="second must index the 20 images"):

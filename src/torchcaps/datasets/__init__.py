@@ -7,8 +7,8 @@
   parameters drawn by :func:`random_crop_parameters` and applied by
   :func:`crop_brightness_contrast`.
 - MultiMNIST (Sabour et al. 2017): :class:`MultiMNIST` (a fixed, indexable set of pairs),
-  :func:`multimnist_batch` (fresh pairs for training) and :func:`overlay_pairs` (the
-  composition both use), returning :class:`MultiMNISTSample`.
+  :class:`MultiMNISTBatches` and :func:`multimnist_batch` (fresh pairs for training) and
+  :func:`overlay_pairs` (the composition they use), returning :class:`MultiMNISTSample`.
 - An affNIST-style test set (it is not affNIST): :func:`affine_mnist`, returning
   :class:`AffineMNIST`.
 - Shifts: :func:`random_shift` (the CapsNet paper's augmentation), its offsets
@@ -21,6 +21,7 @@ uint8 (scaled to [0, 1]).
 from torchcaps.datasets.affine import AffineMNIST, affine_mnist
 from torchcaps.datasets.multimnist import (
     MultiMNIST,
+    MultiMNISTBatches,
     MultiMNISTSample,
     multimnist_batch,
     overlay_pairs,
@@ -43,6 +44,7 @@ __all__ = [
     "SMALLNORB_CLASSES",
     "AffineMNIST",
     "MultiMNIST",
+    "MultiMNISTBatches",
     "MultiMNISTSample",
     "SmallNORB",
     "affine_mnist",

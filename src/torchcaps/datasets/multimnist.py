@@ -13,7 +13,13 @@ from torchcaps._checks import check_int
 from torchcaps.datasets._images import image_batch, label_vector
 from torchcaps.datasets.shift import random_shift_offsets, translate
 
-__all__ = ["MultiMNIST", "MultiMNISTSample", "multimnist_batch", "overlay_pairs"]
+__all__ = [
+    "MultiMNIST",
+    "MultiMNISTBatches",
+    "MultiMNISTSample",
+    "multimnist_batch",
+    "overlay_pairs",
+]
 
 _NUM_CLASSES = 10
 
@@ -68,7 +74,7 @@ def overlay_pairs(
     """
     owner = "overlay_pairs"
     x = image_batch(images, owner)
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     y = label_vector(labels, n, owner)
     canvas = check_int("canvas", canvas, owner=owner)
     if canvas < max(h, w):
@@ -83,6 +89,15 @@ def overlay_pairs(
         raise ValueError(
             f"{owner}: shifts must be an integer tensor (B, 2, 2) = ({b}, 2, 2), got {got}"
         )
+    return _overlay(x, y, first, second, shifts, canvas)
+
+
+def _overlay(
+    x: Tensor, y: Tensor, first: Tensor, second: Tensor, shifts: Tensor, canvas: int
+) -> MultiMNISTSample:
+    """:func:`overlay_pairs` on checked input (no check reads the device)."""
+    _, c, h, w = x.shape
+    b = first.shape[0]
     top, left = (canvas - h) // 2, (canvas - w) // 2
     dev = x.device
     pairs = torch.stack([first.to(dev), second.to(dev)], dim=1)  # (B, 2)
@@ -157,7 +172,7 @@ class MultiMNIST(Dataset[MultiMNISTSample]):
     generator). ``length`` (default :math:`N`) may exceed :math:`N`: with ``length = P N``
     every source digit is the first of :math:`P` pairs. The paper's test set pairs each test
     digit with 1,000 others (:math:`P` = 1,000, ten million images); pass the :math:`P` you
-    use and say so. For training, :func:`multimnist_batch` draws fresh pairs every step.
+    use and say so. For training, :class:`MultiMNISTBatches` draws fresh pairs every step.
 
     Args:
         images: the source digits, :math:`(N, 1, H, W)` or :math:`(N, H, W)`, float in [0, 1]
@@ -202,6 +217,9 @@ class MultiMNIST(Dataset[MultiMNISTSample]):
         if int(torch.unique(self.labels).numel()) < 2:
             raise ValueError(f"{owner}: the images must hold at least two classes")
         self.canvas = check_int("canvas", canvas, owner=owner)
+        h, w = self.images.shape[2:]
+        if self.canvas < max(h, w):
+            raise ValueError(f"{owner}: canvas {canvas} is smaller than the images, {h}x{w}")
         self.max_shift = check_int("max_shift", max_shift, minimum=0, owner=owner)
         self.seed = check_int("seed", seed, minimum=0, owner=owner)
         if self.seed >= 2**31:
@@ -234,7 +252,10 @@ class MultiMNIST(Dataset[MultiMNISTSample]):
         first = torch.tensor([d[0] for d in draws], dtype=torch.long)
         second = torch.tensor([d[1] for d in draws], dtype=torch.long)
         shifts = torch.stack([d[2] for d in draws]) if draws else torch.zeros(0, 2, 2).long()
-        return overlay_pairs(self.images, self.labels, first, second, shifts, self.canvas)
+        dev = self.images.device
+        return _overlay(
+            self.images, self.labels.to(dev), first.to(dev), second.to(dev), shifts, self.canvas
+        )
 
     def __getitem__(self, index: int) -> MultiMNISTSample:
         if index < 0:
@@ -249,6 +270,69 @@ class MultiMNIST(Dataset[MultiMNISTSample]):
         )
 
 
+class MultiMNISTBatches:
+    """Fresh random MultiMNIST pairs for training, drawn and composed on the images' device.
+
+    For training, as the paper's 60M pairs: every :meth:`sample` draws ``batch_size`` first
+    digits uniformly from ``images``, a partner of a different class for each (uniform over
+    those images) and the shifts of both, from ``generator`` (on the images' device; the default
+    generator when ``None``), then composes them as :class:`MultiMNIST` does
+    (:func:`overlay_pairs`). The images are checked once, here; :meth:`sample` reads nothing
+    back from the device.
+
+    Args:
+        images: the source digits, :math:`(N, 1, H, W)` or :math:`(N, H, W)`, float in [0, 1]
+            or uint8 (scaled to [0, 1] once); at least two classes.
+        labels: their classes, :math:`(N,)`, in 0-9.
+        canvas: side of the square canvas.
+        max_shift: the largest shift in each direction, in pixels.
+
+    Shape:
+        - :meth:`sample`: :class:`MultiMNISTSample` with a leading ``batch_size`` on every
+          field.
+
+    Examples:
+        >>> import torch
+        >>> from torchcaps.datasets import MultiMNISTBatches
+        >>> batches = MultiMNISTBatches(torch.rand(50, 28, 28), torch.arange(50) % 10)
+        >>> out = batches.sample(8, torch.Generator().manual_seed(0))
+        >>> out.image.shape, bool((out.labels[:, 0] != out.labels[:, 1]).all())
+        (torch.Size([8, 1, 36, 36]), True)
+    """
+
+    def __init__(
+        self, images: Tensor, labels: Tensor, *, canvas: int = 36, max_shift: int = 4
+    ) -> None:
+        owner = "MultiMNISTBatches"
+        self.images = image_batch(images, owner)
+        n, _, h, w = self.images.shape
+        self.labels = label_vector(labels, n, owner).to(self.images.device)
+        if int(torch.unique(self.labels).numel()) < 2:
+            raise ValueError(f"{owner}: the images must hold at least two classes")
+        self.canvas = check_int("canvas", canvas, owner=owner)
+        if self.canvas < max(h, w):
+            raise ValueError(f"{owner}: canvas {canvas} is smaller than the images, {h}x{w}")
+        self.max_shift = check_int("max_shift", max_shift, minimum=0, owner=owner)
+        self._partners = _Partners(self.labels)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> MultiMNISTSample:
+        """``batch_size`` fresh pairs drawn from ``generator``."""
+        b = check_int("batch_size", batch_size, owner="MultiMNISTBatches.sample")
+        dev = self.images.device
+        n = self.images.shape[0]
+        first = torch.randint(0, n, (b,), generator=generator, device=dev)
+        u = torch.rand(b, generator=generator, device=dev, dtype=torch.float64)
+        second = self._partners.pick(self.labels[first], u)
+        shifts = random_shift_offsets(2 * b, self.max_shift, generator=generator, device=dev)
+        return _overlay(self.images, self.labels, first, second, shifts.view(b, 2, 2), self.canvas)
+
+    def __repr__(self) -> str:
+        return (
+            f"MultiMNISTBatches({self.images.shape[0]} source digits, canvas={self.canvas}, "
+            f"max_shift={self.max_shift})"
+        )
+
+
 def multimnist_batch(
     images: Tensor,
     labels: Tensor,
@@ -258,13 +342,10 @@ def multimnist_batch(
     canvas: int = 36,
     max_shift: int = 4,
 ) -> MultiMNISTSample:
-    """A fresh batch of random MultiMNIST pairs, drawn and composed on the images' device.
+    """One batch of fresh pairs: ``MultiMNISTBatches(images, labels, ...).sample(...)``.
 
-    For training, as the paper's 60M pairs: every call draws ``batch_size`` first digits
-    uniformly from ``images``, a partner of a different class for each (uniform over those
-    images) and the shifts of both, from ``generator`` (on the images' device; the default
-    generator when ``None``), then composes them as :class:`MultiMNIST` does
-    (:func:`overlay_pairs`).
+    For a training loop, build :class:`MultiMNISTBatches` once (it checks the images once) and
+    call its :meth:`~MultiMNISTBatches.sample` every step.
 
     Shape:
         - images: :math:`(N, 1, H, W)` or :math:`(N, H, W)`, float in [0, 1] or uint8.
@@ -279,18 +360,5 @@ def multimnist_batch(
         >>> out.image.shape, bool((out.labels[:, 0] != out.labels[:, 1]).all())
         (torch.Size([8, 1, 36, 36]), True)
     """
-    owner = "multimnist_batch"
-    x = image_batch(images, owner)
-    n = x.shape[0]
-    y = label_vector(labels, n, owner)
-    if int(torch.unique(y).numel()) < 2:
-        raise ValueError(f"{owner}: the images must hold at least two classes")
-    b = check_int("batch_size", batch_size, owner=owner)
-    max_shift = check_int("max_shift", max_shift, minimum=0, owner=owner)
-    dev = generator.device if generator is not None else x.device
-    partners = _Partners(y.to(dev))
-    first = torch.randint(0, n, (b,), generator=generator, device=dev)
-    u = torch.rand(b, generator=generator, device=dev, dtype=torch.float64)
-    second = partners.pick(y.to(dev)[first], u)
-    shifts = random_shift_offsets(2 * b, max_shift, generator=generator, device=dev).view(b, 2, 2)
-    return overlay_pairs(x, y, first, second, shifts, canvas)
+    batches = MultiMNISTBatches(images, labels, canvas=canvas, max_shift=max_shift)
+    return batches.sample(batch_size, generator)

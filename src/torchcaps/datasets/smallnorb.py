@@ -316,7 +316,8 @@ def crop_brightness_contrast(
 
     Shape:
         - images: :math:`(N, C, H, W)`, float.
-        - top, left: :math:`(N,)` integer, ``0 <= top <= H - size``, ``0 <= left <= W - size``.
+        - top, left: :math:`(N,)` integer, ``0 <= top <= H - size``, ``0 <= left <= W - size``
+          (checked for CPU tensors; elsewhere checking would wait for the device).
         - contrast, brightness: :math:`(N,)` float.
         - Output: :math:`(N, C, \text{size}, \text{size})`.
 
@@ -347,17 +348,24 @@ def crop_brightness_contrast(
             )
         if integer and t.is_floating_point():
             raise TypeError(f"{owner}: {name} must be an integer tensor, got {t.dtype}")
-    dev = images.device
-    rows = (top.to(dev).view(n, 1) + torch.arange(size, device=dev)).view(n, 1, size, 1)
-    cols = (left.to(dev).view(n, 1) + torch.arange(size, device=dev)).view(n, 1, 1, size)
-    if n and (
-        bool((rows.min() < 0) | (rows.max() >= h)) or bool((cols.min() < 0) | (cols.max() >= w))
+    # The window check reads the offsets' values: done where that costs no device sync.
+    if (
+        n
+        and top.device.type == "cpu"
+        and left.device.type == "cpu"
+        and (
+            bool((top.min() < 0) | (top.max() > h - size))
+            or bool((left.min() < 0) | (left.max() > w - size))
+        )
     ):
         raise ValueError(
             f"{owner}: windows of size {size} at top in [0, {h - size}] and left in "
             f"[0, {w - size}] fit images {shape_str(images.shape)}; got top "
             f"{top.min().item()}..{top.max().item()}, left {left.min().item()}..{left.max().item()}"
         )
+    dev = images.device
+    rows = (top.to(dev).view(n, 1) + torch.arange(size, device=dev)).view(n, 1, size, 1)
+    cols = (left.to(dev).view(n, 1) + torch.arange(size, device=dev)).view(n, 1, 1, size)
     batch = torch.arange(n, device=dev).view(n, 1, 1, 1)
     chans = torch.arange(c, device=dev).view(1, c, 1, 1)
     crops = images[batch, chans, rows, cols]  # (N, C, size, size)
