@@ -425,3 +425,20 @@ def test_jit_trace_works() -> None:
     assert len(got) == 3  # a plain tuple: TorchScript drops the field names
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_multimnist_model_reconstructs_each_digit_from_its_own_capsule() -> None:
+    model = get_model("capsnet_multimnist")
+    assert model.in_shape == (1, 36, 36)
+    assert sum(p.numel() for p in model.parameters()) == 11_361_808
+    assert model.digits.in_capsules == 32 * 10 * 10  # a 10x10 primary grid
+    model.eval()
+    x = torch.rand(3, 1, 36, 36)
+    first, second = torch.tensor([1, 4, 9]), torch.tensor([7, 0, 2])
+    with torch.no_grad():
+        out = model(x, first)
+        other = model.decoder(out.capsules, second)
+        alone = model(x, second).reconstruction
+    assert other.shape == (3, 1, 36, 36)
+    torch.testing.assert_close(other, alone)  # the second digit's, as if it were the target
+    assert not torch.allclose(other, out.reconstruction)

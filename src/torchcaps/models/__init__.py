@@ -20,7 +20,7 @@ from torchcaps.models._api import (
     register_model,
 )
 from torchcaps.models.baseline_cnn import BaselineCNN, baseline_cnn_mnist
-from torchcaps.models.capsnet import CapsNet, capsnet_mnist
+from torchcaps.models.capsnet import CapsNet, capsnet_mnist, capsnet_multimnist
 from torchcaps.models.convcaps import ConvCapsNet, convcaps_mnist
 from torchcaps.models.efficient_capsnet import EfficientCapsNet, efficient_capsnet_mnist
 from torchcaps.models.matrix_capsnet import (
@@ -40,6 +40,7 @@ __all__ = [
     "MatrixCapsNet",
     "baseline_cnn_mnist",
     "capsnet_mnist",
+    "capsnet_multimnist",
     "convcaps_mnist",
     "efficient_capsnet_mnist",
     "get_model",

@@ -20,7 +20,7 @@ from torchcaps.models._api import (
 )
 from torchcaps.routing import DynamicRouting
 
-__all__ = ["CapsNet", "capsnet_mnist"]
+__all__ = ["CapsNet", "capsnet_mnist", "capsnet_multimnist"]
 
 
 class CapsNet(nn.Module):
@@ -167,3 +167,27 @@ def capsnet_mnist(**kwargs: Any) -> CapsNet:
         8215568
     """
     return CapsNet(**{"in_shape": (1, 28, 28), "num_classes": 10, **kwargs})
+
+
+@register_model("capsnet_multimnist")
+def capsnet_multimnist(**kwargs: Any) -> CapsNet:
+    """The paper's MultiMNIST CapsNet (section 6): the MNIST architecture on 36x36 pairs.
+
+    The primary capsule grid is 10x10 (3,200 capsules); the decoder reconstructs 36x36 from
+    one class capsule, so a pair's two digits are reconstructed by two calls of
+    ``model.decoder(capsules, classes)``, each masked by its own class (the paper's
+    training). 11,361,808 parameters (9,425,664 with ``reconstruction=False``). Keyword
+    arguments override the defaults of :class:`CapsNet`.
+
+    Examples:
+        >>> import torch
+        >>> from torchcaps.models import capsnet_multimnist
+        >>> model = capsnet_multimnist()
+        >>> sum(p.numel() for p in model.parameters())
+        11361808
+        >>> out = model(torch.rand(2, 1, 36, 36), torch.tensor([3, 5]))
+        >>> second = model.decoder(out.capsules, torch.tensor([8, 1]))  # the other digit
+        >>> out.reconstruction.shape, second.shape
+        (torch.Size([2, 1, 36, 36]), torch.Size([2, 1, 36, 36]))
+    """
+    return CapsNet(**{"in_shape": (1, 36, 36), "num_classes": 10, **kwargs})
