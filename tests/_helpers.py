@@ -6,6 +6,7 @@ Imported plainly (``from _helpers import TOL``): ``tests/`` is on pytest's ``pyt
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 from pathlib import Path
@@ -92,3 +93,21 @@ def fake_smallnorb_split(
     for kind, t in data.items():
         write_norb_matrix(root / f"{NORB_PREFIX[split]}-{kind}.mat", t, compress)
     return data
+
+
+def bilinear_sample(img: torch.Tensor, x: float, y: float) -> float:
+    """Bilinear sample of a 2-D float64 image at (x, y), zero outside (pixel centres integer)."""
+    h, w = img.shape
+    x0, y0 = math.floor(x), math.floor(y)
+    total = 0.0
+    for yy, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
+        for xx, wx in ((x0, 1 - (x - x0)), (x0 + 1, x - x0)):
+            if 0 <= yy < h and 0 <= xx < w:
+                total += wy * wx * float(img[yy, xx])
+    return total
+
+
+# The flags of a short example run on the embedded sample: 64 training images, 2 steps per
+# epoch, 32 test images in one batch.
+SHORT_RUN = ["--embedded-sample", "--quiet", "--max-train-samples", "64", "--max-steps", "2",
+             "--max-test-samples", "32", "--test-batch-size", "32"]  # fmt: skip

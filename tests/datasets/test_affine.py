@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from _helpers import bilinear_sample
 from torchcaps.datasets import affine_mnist
 
 
@@ -39,13 +40,7 @@ def _reference(img: torch.Tensor, angle: float, shear: float, sx: float, sy: flo
             dx, dy = qx - c_out - tx, qy - c_out - ty
             px = (a22 * dx - a12 * dy) / det + c_in_x
             py = (-a21 * dx + a11 * dy) / det + c_in_y
-            x0, y0 = math.floor(px), math.floor(py)
-            value = 0.0
-            for yy, wy in ((y0, 1 - (py - y0)), (y0 + 1, py - y0)):
-                for xx, wx in ((x0, 1 - (px - x0)), (x0 + 1, px - x0)):
-                    if 0 <= yy < h and 0 <= xx < w:
-                        value += wy * wx * float(img[yy, xx])
-            out[qy, qx] = value
+            out[qy, qx] = bilinear_sample(img, px, py)
     return out
 
 

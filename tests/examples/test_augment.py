@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import augment
+from _helpers import bilinear_sample
 from torchcaps.datasets import random_shift
 
 
@@ -40,18 +41,6 @@ def test_random_shift_keeps_the_channel_dimension() -> None:
     assert torch.equal(shifted[:, 0], flat)  # the same draw, the same shift
 
 
-def _bilinear(img: torch.Tensor, x: float, y: float) -> float:
-    """Bilinear sample of a 2-D float64 image at (x, y), zero outside (pixel centres integer)."""
-    h, w = img.shape
-    x0, y0 = math.floor(x), math.floor(y)
-    total = 0.0
-    for yy, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
-        for xx, wx in ((x0, 1 - (x - x0)), (x0 + 1, x - x0)):
-            if 0 <= yy < h and 0 <= xx < w:
-                total += wy * wx * float(img[yy, xx])
-    return total
-
-
 @pytest.mark.parametrize("shape", [(9, 9), (7, 11)])
 def test_rotate_matches_the_inverse_map_of_each_output_pixel(shape: tuple[int, int]) -> None:
     h, w = shape
@@ -67,7 +56,7 @@ def test_rotate_matches_the_inverse_map_of_each_output_pixel(shape: tuple[int, i
                     px, py = x - cx, y - cy
                     sx = cx + math.cos(t) * px - math.sin(t) * py
                     sy = cy + math.sin(t) * px + math.cos(t) * py
-                    expected = _bilinear(images[k, c], sx, sy)
+                    expected = bilinear_sample(images[k, c], sx, sy)
                     assert float(out[k, c, y, x]) == pytest.approx(expected, abs=1e-9)
 
 

@@ -10,6 +10,7 @@ import pytest
 
 import augment
 import efficient_capsnet_mnist as ex
+from _helpers import SHORT_RUN
 
 
 def test_defaults_are_the_official_recipe() -> None:
@@ -30,16 +31,7 @@ def test_defaults_are_the_official_recipe() -> None:
 
 def test_a_short_run_trains_and_resumes_on_the_same_trajectory(tmp_path: Path) -> None:
     common = [
-        "--embedded-sample",
-        "--quiet",
-        "--max-train-samples",
-        "64",
-        "--max-steps",
-        "2",
-        "--max-test-samples",
-        "32",
-        "--test-batch-size",
-        "32",
+        *SHORT_RUN,
         "--lr-decay",
         "0.5",
         "--lr-floor",

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import em_capsnet_mnist as ex
+from _helpers import SHORT_RUN
 from presets import ScheduledSpreadLoss
 from torchcaps import SpreadLoss, spread_margin
 from torchcaps.models import CapsuleOutput
@@ -59,18 +60,9 @@ def test_a_short_run_trains_and_resumes_on_the_same_trajectory(
 
     monkeypatch.setattr(ScheduledSpreadLoss, "set_step", recording)
     common = [
-        "--embedded-sample",
-        "--quiet",
-        "--max-train-samples",
-        "64",
+        *SHORT_RUN,
         "--batch-size",
         "16",
-        "--max-steps",
-        "2",
-        "--max-test-samples",
-        "32",
-        "--test-batch-size",
-        "32",
         "--margin-epochs",
         "2",  # the margin moves within and across epochs: a resume must continue it
     ]
