@@ -227,31 +227,30 @@ class MultiMNIST(Dataset[MultiMNISTSample]):
         self.length = n if length is None else check_int("length", length, owner=owner)
         if self.length >= 2**32:
             raise ValueError(f"{owner}: length must be < 2**32, got {length}")
-        self._partners = _Partners(self.labels.cpu())
+        self._partners_labels = self.labels.cpu()
+        self._partners = _Partners(self._partners_labels)
 
     def __len__(self) -> int:
         return self.length
 
-    def _draws(self, k: int) -> tuple[int, int, Tensor]:
-        """Item ``k``'s first and second digit and their shifts, from a hash of (seed, k)."""
-        u = _uniforms(self.seed * 2**32 + k, 5)
-        first = k % self.images.shape[0]
-        partner = torch.tensor([u[0]], dtype=torch.float64)
-        second = int(self._partners.pick(self.labels[first : first + 1].cpu(), partner)[0])
-        span = 2 * self.max_shift + 1
-        moves = [self.max_shift - min(int(v * span), span - 1) for v in u[1:]]
-        return first, second, torch.tensor(moves, dtype=torch.long).view(2, 2)
-
     def batch(self, indices: Tensor | list[int]) -> MultiMNISTSample:
-        """Items ``indices`` at once (the same values as one by one), on the images' device."""
+        """Items ``indices`` at once (the same values as one by one), on the images' device.
+
+        Each item's five uniforms come from a hash of (seed, k): the partner's, then the two
+        digits' (dy, dx) shifts; the rest is computed for all items together.
+        """
         ks = [int(k) for k in indices]
         for k in ks:
             if not 0 <= k < self.length:
                 raise IndexError(f"MultiMNIST: index {k} out of range for {self.length} items")
-        draws = [self._draws(k) for k in ks]
-        first = torch.tensor([d[0] for d in draws], dtype=torch.long)
-        second = torch.tensor([d[1] for d in draws], dtype=torch.long)
-        shifts = torch.stack([d[2] for d in draws]) if draws else torch.zeros(0, 2, 2).long()
+        u = torch.tensor(
+            [_uniforms(self.seed * 2**32 + k, 5) for k in ks], dtype=torch.float64
+        ).view(len(ks), 5)
+        first = torch.tensor(ks, dtype=torch.long) % self.images.shape[0]
+        second = self._partners.pick(self._partners_labels[first], u[:, 0])
+        span = 2 * self.max_shift + 1
+        moves = torch.floor(u[:, 1:] * span).long().clamp(max=span - 1)
+        shifts = (self.max_shift - moves).view(len(ks), 2, 2)
         dev = self.images.device
         return _overlay(
             self.images, self.labels.to(dev), first.to(dev), second.to(dev), shifts, self.canvas

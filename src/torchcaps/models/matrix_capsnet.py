@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -134,10 +133,6 @@ class MatrixCapsNet(nn.Module):
             "class_lambda_scale", class_lambda_scale, minimum=0.0, strict_min=True, owner=owner
         )
         em = {"iterations": routing_iterations, **(routing_kwargs or {})}
-        final_lambda = em.get("final_lambda", _DEFAULT_LAMBDA)
-        if isinstance(final_lambda, (int, float)) and not isinstance(final_lambda, bool):
-            final_lambda = final_lambda * class_lambda_scale  # else EMRouting reports it
-        class_em = {**em, "final_lambda": final_lambda}
         self.conv1 = nn.Conv2d(channels, conv_channels, 5, stride=2)
         self.primary = PrimaryMatrixCaps(conv_channels, primary_capsules)
         self.convcaps1 = ConvMatrixCaps2d(
@@ -149,9 +144,10 @@ class MatrixCapsNet(nn.Module):
         self.classcaps = ClassMatrixCaps(
             convcaps2_capsules,
             self.num_classes,
-            routing_kwargs=class_em,
+            routing_kwargs=em,
             coordinate_addition=coordinate_addition,
         )
+        cast(EMRouting, self.classcaps.routing).final_lambda *= class_lambda_scale
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> CapsuleOutput:
         """Class activations (the scores) and class poses."""
@@ -160,8 +156,6 @@ class MatrixCapsNet(nn.Module):
         out = self.classcaps(self.convcaps2(self.convcaps1(caps)))
         return CapsuleOutput(out.activations, out.poses, None)
 
-
-_DEFAULT_LAMBDA = inspect.signature(EMRouting).parameters["final_lambda"].default
 
 _LARGE = {"conv_channels": 32, "primary_capsules": 32, "convcaps1_capsules": 32,
           "convcaps2_capsules": 32}  # fmt: skip
