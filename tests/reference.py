@@ -135,10 +135,12 @@ def em_routing_ref(
     final_lambda: float = 0.01,
     eps: float = 1e-4,
     mass_scale: float | None = 100.0,
+    beta_a_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """EM routing (Hinton et al. 2018, Procedure 1) with explicit loops over b, i, j, h (float64).
 
-    The cost's mass is sum_i R'_ij, times mass_scale * N_out / N_in unless mass_scale is None.
+    The cost's mass is sum_i R'_ij, times mass_scale * N_out / N_in unless mass_scale is None;
+    the activation logit is lambda_t (beta_a_scale * beta_a_j - cost_j).
     Returns (poses (B, N_out, P), activations (B, N_out), the R of the last M-step).
     """
     votes, acts = votes.double(), acts.double()
@@ -169,7 +171,7 @@ def em_routing_ref(
                     var[j][h] += eps
                 m = mass if mass_scale is None else mass * mass_scale * n_out / n_in
                 cost = sum((float(beta_u[j]) + 0.5 * math.log(var[j][h])) * m for h in range(p))
-                a[j] = 1 / (1 + math.exp(-lam * (float(beta_a[j]) - cost)))
+                a[j] = 1 / (1 + math.exp(-lam * (beta_a_scale * float(beta_a[j]) - cost)))
             for i in range(n_in):
                 for j in range(n_out):
                     r_last[b, i, j] = r[i][j]

@@ -94,6 +94,14 @@ def test_routing_arguments_reach_every_routed_layer() -> None:
     assert model.convcaps1.assignment == "per_window"
 
 
+def test_beta_a_scale_default_and_override() -> None:
+    routed = ("convcaps1", "convcaps2", "classcaps")
+    model = get_model("matrix_capsnet_small_mnist")
+    assert [getattr(model, n).routing.beta_a_scale for n in routed] == [5000.0] * 3
+    paper = get_model("matrix_capsnet_small_mnist", routing_kwargs={"beta_a_scale": 1.0})
+    assert [getattr(paper, n).routing.beta_a_scale for n in routed] == [1.0] * 3
+
+
 @pytest.mark.parametrize("scale", [0.25, 1.0, 0.5])
 def test_class_lambda_scale_default_and_override(scale: float) -> None:
     model = get_model("matrix_capsnet_small_mnist", class_lambda_scale=scale)

@@ -36,12 +36,17 @@ def _routing(n_out: int, iterations: int, seed: int = 0, **kwargs: object) -> EM
 
 @pytest.mark.parametrize("iterations", [1, 2, 3, 4])
 @pytest.mark.parametrize("shape", [(2, 6, 3, 4), (1, 1, 2, 16), (2, 9, 5, 3)])
-@pytest.mark.parametrize("mass_scale", [100.0, None])
+@pytest.mark.parametrize(("mass_scale", "beta_a_scale"), [(100.0, 1.0), (None, 1.0), (100.0, 20.0)])
 def test_matches_procedure_1_reference(
-    iterations: int, shape: tuple[int, int, int, int], mass_scale: float | None
+    iterations: int,
+    shape: tuple[int, int, int, int],
+    mass_scale: float | None,
+    beta_a_scale: float,
 ) -> None:
     votes, acts = _inputs(shape, seed=iterations + sum(shape))
-    routing = _routing(shape[2], iterations, final_lambda=0.05, mass_scale=mass_scale)
+    routing = _routing(
+        shape[2], iterations, final_lambda=0.05, mass_scale=mass_scale, beta_a_scale=beta_a_scale
+    )
     expected = em_routing_ref(
         votes,
         acts,
@@ -50,6 +55,7 @@ def test_matches_procedure_1_reference(
         iterations,
         final_lambda=0.05,
         mass_scale=mass_scale,
+        beta_a_scale=beta_a_scale,
     )
     got = routing(votes, acts, return_coupling=True)
     for g, e in zip(got, expected, strict=True):
@@ -63,6 +69,16 @@ def test_one_iteration_is_the_activation_weighted_mean_of_uniform_assignments() 
     assert bool((r == 0.25).all())
     expected = (acts[:, :, None, None] * votes).sum(dim=1) / acts.sum(dim=1)[:, None, None]
     torch.testing.assert_close(poses, expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("beta_a_scale", [1.0, 5000.0])
+def test_a_parent_without_mass_has_the_activation_its_bias_sets(beta_a_scale: float) -> None:
+    """All children inactive: the cost is 0, so a_j = sigmoid(lambda_T * s * beta_a_j)."""
+    votes, _ = _inputs((2, 6, 3, 16), seed=4)
+    routing = _routing(3, iterations=3, beta_a_scale=beta_a_scale)
+    _, a = routing(votes, torch.zeros(2, 6, dtype=torch.float64))
+    logit = routing.inverse_temperature(3) * beta_a_scale * routing.beta_a.detach()
+    torch.testing.assert_close(a, torch.sigmoid(logit).expand(2, 3))
 
 
 def test_poses_are_the_r_a_weighted_means_of_the_votes() -> None:
@@ -150,7 +166,7 @@ def test_bfloat16_autocast_routes_in_float32() -> None:
 
 def test_gradcheck() -> None:
     votes, acts = _inputs((2, 4, 3, 3), seed=8)
-    routing = _routing(3, iterations=3, final_lambda=0.5, eps=0.1)
+    routing = _routing(3, iterations=3, final_lambda=0.5, eps=0.1, beta_a_scale=2.0)
     votes.requires_grad_(True)
     acts.requires_grad_(True)
     assert gradcheck(lambda v, a: routing(v, a), (votes, acts), eps=1e-6, atol=1e-5)
@@ -287,6 +303,7 @@ def test_bad_arguments() -> None:
         ({"out_capsules": 2, "final_lambda": float("nan")}, "final_lambda"),
         ({"out_capsules": 2, "eps": 0.0}, "eps"),
         ({"out_capsules": 2, "mass_scale": -1.0}, "mass_scale"),
+        ({"out_capsules": 2, "beta_a_scale": 0.0}, "beta_a_scale"),
     ):
         with pytest.raises(ValueError, match=match):
             EMRouting(**kwargs)  # type: ignore[arg-type]

@@ -71,6 +71,14 @@ class EMRouting(MatrixRouting):
       :math:`\lambda`).
     - ``mass_scale=None``: :math:`m_j = \sum_i R'_{ij}`, the paper's equation.
 
+    ``beta_a_scale`` :math:`s` reparametrises :math:`\beta_a`: the logit is
+    :math:`\lambda_t (s \beta_a - \sum_h \mathrm{cost}_j^h)`. The default, 1, is the paper's
+    equation. Because :math:`\lambda_t` is small (about :math:`10^{-3}`), a unit of
+    :math:`\beta_a` moves the logit by only :math:`\lambda_t`, so an optimiser's steps barely
+    move it; yet it is the only term that sets the activation of a parent that receives no
+    mass (:math:`\operatorname{sigmoid}(\lambda_t s \beta_a)`, 1/2 at initialisation). The
+    authors' code multiplies its activation bias by 5000 for this reason.
+
     Degenerate input stays finite, values and gradients: :math:`\epsilon` keeps the variance of
     a parent with identical votes or a single child positive, a parent that receives no mass
     (all children inactive) gets the unweighted mean of its votes, and :math:`\ln a_j` is
@@ -97,6 +105,8 @@ class EMRouting(MatrixRouting):
             a single child has a standard deviation of 0.01, not 0).
         mass_scale: the children per parent that the cost's mass is normalised to, or
             ``None`` for the paper's unnormalised mass (see above).
+        beta_a_scale: the factor :math:`s` on :math:`\beta_a` in the logit (see above); 1 is
+            the paper's equation.
         device: device of the parameters.
         dtype: dtype of the parameters.
 
@@ -125,6 +135,7 @@ class EMRouting(MatrixRouting):
         final_lambda: float = 0.01,
         eps: float = 1e-4,
         mass_scale: float | None = 100.0,
+        beta_a_scale: float = 1.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -140,6 +151,9 @@ class EMRouting(MatrixRouting):
             None
             if mass_scale is None
             else check_float("mass_scale", mass_scale, minimum=0.0, strict_min=True, owner=owner)
+        )
+        self.beta_a_scale = check_float(
+            "beta_a_scale", beta_a_scale, minimum=0.0, strict_min=True, owner=owner
         )
         self.beta_u = nn.Parameter(torch.empty(self.out_capsules, device=device, dtype=dtype))
         self.beta_a = nn.Parameter(torch.empty(self.out_capsules, device=device, dtype=dtype))
@@ -157,7 +171,8 @@ class EMRouting(MatrixRouting):
     def extra_repr(self) -> str:
         return (
             f"out_capsules={self.out_capsules}, iterations={self.iterations}, "
-            f"final_lambda={self.final_lambda}, eps={self.eps}, mass_scale={self.mass_scale}"
+            f"final_lambda={self.final_lambda}, eps={self.eps}, mass_scale={self.mass_scale}, "
+            f"beta_a_scale={self.beta_a_scale}"
         )
 
     def inverse_temperature(self, t: int) -> float:
@@ -232,7 +247,7 @@ class EMRouting(MatrixRouting):
             var = (m2 - m1.square()).clamp_min(0) + self.eps
             log_var = torch.log(var)
             cost = (beta_u.view(1, n_out, 1) + 0.5 * log_var).sum(dim=2) * (mass * cost_scale)
-            logit = self.inverse_temperature(t) * (beta_a.unsqueeze(0) - cost)
+            logit = self.inverse_temperature(t) * (self.beta_a_scale * beta_a.unsqueeze(0) - cost)
             a_out = torch.sigmoid(logit)
             if t == self.iterations:
                 break
