@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from augment import Augment
 from loaders import load_dataset
-from presets import LossFn, Recipe
+from presets import LossFn, Recipe, Task
 from runtime import Dist, pick_device
 from torchcaps.models import CapsuleOutput, get_model
 
@@ -83,18 +83,24 @@ class StepContext:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None  # stepped after every batch
     amp: str
     device: torch.device
+    # what the model's forward receives as target in training: the labels themselves, or
+    # the task's part of its target object
+    model_target: Callable[[Any], Tensor] | None = None
 
 
 def forward_loss(
-    ctx: StepContext, images: Tensor, labels: Tensor, *, train: bool
+    ctx: StepContext, images: Tensor, labels: Any, *, train: bool
 ) -> tuple[Tensor, CapsuleOutput]:
     """Loss and output of a batch; in training the decoder is masked by the labels."""
+    target = None
+    if train:
+        target = labels if ctx.model_target is None else ctx.model_target(labels)
     with autocast_context(ctx.amp, ctx.device):
-        out = ctx.model(images, labels if train else None)
+        out = ctx.model(images, target)
     return ctx.loss_fn(out, images, labels), out
 
 
-def train_step(ctx: StepContext, images: Tensor, labels: Tensor) -> Tensor:
+def train_step(ctx: StepContext, images: Tensor, labels: Any) -> Tensor:
     """One optimisation step on a batch; returns the loss (detached, not synchronised)."""
     loss, _ = forward_loss(ctx, images, labels, train=True)
     ctx.optimizer.zero_grad(set_to_none=True)
@@ -137,8 +143,12 @@ def train_one_epoch(
     on_log: Callable[[int, Tensor], None] | None = None,
     log_interval: int = 10,
     first_step: int = 0,
+    task: Task | None = None,
 ) -> dict[str, float]:
     """Train on ``steps`` shuffled batches; ``on_log(step, loss)`` every ``log_interval`` steps.
+
+    A ``task`` makes each batch from its indices (:meth:`Task.train_batch`) in place of
+    :func:`augmented_batch`.
 
     A loss with a ``set_step(step, steps_per_epoch)`` method is told the run's step number
     (``first_step`` + the step of this epoch) before every step, for schedules that move with
@@ -160,16 +170,20 @@ def train_one_epoch(
             break
         if set_step is not None:
             set_step(first_step + step, steps)
-        x, y = augmented_batch(
-            images,
-            labels,
-            index,
-            augment=augment,
-            generator=generator,
-            memory_format=memory_format,
-            rank=rank,
-            world=world,
-        )
+        if task is None:
+            x, y = augmented_batch(
+                images,
+                labels,
+                index,
+                augment=augment,
+                generator=generator,
+                memory_format=memory_format,
+                rank=rank,
+                world=world,
+            )
+        else:
+            x, y = task.train_batch(images, labels, index, generator, rank, world)
+            x = x.contiguous(memory_format=memory_format)
         loss = train_step(ctx, x, y)
         total += loss
         seen += 1
@@ -351,6 +365,7 @@ class Trainer:
             self.net = DistributedDataParallel(self.model, device_ids=ids)
         if args.compile:
             self.net = torch.compile(self.net)
+        self.task = recipe.task(args) if recipe.task is not None else None
         self.step_context = StepContext(
             model=self.net,
             loss_fn=recipe.loss(args),
@@ -359,6 +374,7 @@ class Trainer:
             scheduler=self.scheduler if self.schedule_per_step else None,
             amp=args.amp,
             device=self.device,
+            model_target=self.task.model_target if self.task is not None else None,
         )
 
     # -- state --------------------------------------------------------------------------------
@@ -461,6 +477,7 @@ class Trainer:
                 on_log=on_log,
                 log_interval=args.log_interval,
                 first_step=self.epoch * self.steps_per_epoch,
+                task=self.task,
             )
         except NonFiniteLossError as exc:
             raise NonFiniteLossError(
@@ -470,7 +487,15 @@ class Trainer:
             ) from exc
 
     def evaluate(self) -> dict[str, float]:
-        """:func:`evaluate` on the test set."""
+        """:func:`evaluate` on the test set (the task's evaluation, if the recipe has one)."""
+        if self.task is not None:
+            return self.task.evaluate(
+                self.step_context,
+                self.test_images,
+                self.test_labels,
+                batch_size=self.args.test_batch_size,
+                memory_format=self.memory_format,
+            )
         return evaluate(
             self.step_context,
             self.test_images,

@@ -12,8 +12,9 @@ import argparse
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 
 from augment import Augment, Shift
@@ -22,6 +23,45 @@ from torchcaps.models import CapsuleOutput
 
 # (output, images, labels) -> scalar loss
 LossFn = Callable[[CapsuleOutput, Tensor, Tensor], Tensor]
+
+
+class Task(Protocol):
+    """A recipe's own batches and evaluation, where they are not plain classification.
+
+    Without a task the harness trains on ``(augment(images[index]), labels[index])`` and
+    evaluates the argmax accuracy. A task builds each training batch itself as ``(x, target)``
+    (``target`` any object; the loss receives it as ``labels``), says what the model's
+    ``forward(x, target)`` receives in training, and evaluates the test split.
+    """
+
+    def train_batch(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        index: Tensor,
+        generator: torch.Generator,
+        rank: int,
+        world: int,
+    ) -> tuple[Tensor, Any]:
+        """Training batch ``index`` of the uint8 split: the model's float input and target."""
+        ...
+
+    def model_target(self, target: Any) -> Tensor:
+        """What the model's ``forward`` receives as ``target`` in training."""
+        ...
+
+    def evaluate(
+        self,
+        ctx: Any,
+        images: Tensor,
+        labels: Tensor,
+        *,
+        batch_size: int,
+        memory_format: torch.memory_format,
+    ) -> dict[str, float]:
+        """``test_loss``, ``test_accuracy``, ``test_errors``, ``test_samples`` and
+        ``test_images_per_second`` of the model ``ctx.model`` on the uint8 test split."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -35,7 +75,9 @@ class Recipe:
     into the model's input, ``eval_transform`` (if any) every test batch; ``alt_datasets``
     are the other datasets of the same image shape that ``--dataset`` may pick; ``runtime_kwargs``
     turns the command line into model arguments that change how it
-    computes but not its weights (not stored, free to change on ``--resume``).
+    computes but not its weights (not stored, free to change on ``--resume``); ``task``
+    (if any) turns the command line into the :class:`Task` that makes the batches and
+    evaluates, in place of ``augment`` and ``eval_transform``.
     """
 
     name: str
@@ -50,6 +92,7 @@ class Recipe:
     eval_transform: Callable[[Tensor], Tensor] | None = None
     alt_datasets: tuple[str, ...] = ()
     defaults: dict[str, Any] = field(default_factory=dict)
+    task: Callable[[argparse.Namespace], Task] | None = None
 
 
 class CapsuleLoss:

@@ -229,6 +229,8 @@ def parse_args(recipe: Recipe, argv: Sequence[str] | None = None) -> argparse.Na
     try:  # the recipe checks its own flags
         recipe.model_kwargs(args)
         recipe.loss(args)
+        if recipe.task is not None:
+            recipe.task(args)
     except ValueError as exc:
         parser.error(str(exc))
     return args

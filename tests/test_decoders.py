@@ -58,6 +58,19 @@ def test_decoder_none_target_uses_longest_capsule() -> None:
     assert out.shape == (6, 2, 3) and bool(((out > 0) & (out < 1)).all())
 
 
+def test_decoder_several_targets_per_sample_decode_each_capsule_alone() -> None:
+    dec = MaskedDecoder(5, 3, (1, 4, 4), hidden=(7,), dtype=torch.float64)
+    v = torch.randn(3, 5, 3, dtype=torch.float64)
+    target = torch.tensor([[4, 0], [1, 1], [2, 3]])
+    out = dec(v, target)
+    assert out.shape == (3, 2, 1, 4, 4)
+    for m in range(2):  # the m-th reconstruction is the one masked by target[:, m]
+        torch.testing.assert_close(out[:, m], dec(v, target[:, m]))
+    assert dec(v, target[:, :1]).shape == (3, 1, 1, 4, 4)
+    vg = v.clone().requires_grad_(True)
+    assert gradcheck(lambda x: dec(x, target), (vg,))
+
+
 def test_decoder_gradcheck() -> None:
     dec = MaskedDecoder(3, 2, 4, hidden=(5, 3), dtype=torch.float64)
     v = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
@@ -75,9 +88,15 @@ def test_decoder_bad_input() -> None:
         dec(torch.randn(2, 10, 16), torch.tensor([0, 10]))
     # MaskedDecoder calls the public mask_capsules, which names itself
     with pytest.raises(
-        ValueError, match=r"mask_capsules expected target of shape \(2,\), got \(1, 2\)"
+        ValueError, match=r"mask_capsules expected target of shape \(2,\), got \(2, 1, 1\)"
+    ):
+        dec(torch.randn(2, 10, 16), torch.tensor([[[0]], [[1]]]))
+    with pytest.raises(
+        ValueError, match=r"MaskedDecoder expected target of shape \(2, M\), got \(1, 2\)"
     ):
         dec(torch.randn(2, 10, 16), torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError, match=r"class indices in \[0, 9\], got values in \[0, 12\]"):
+        dec(torch.randn(2, 10, 16), torch.tensor([[0, 1], [12, 3]]))
     with pytest.raises(TypeError, match="MaskedDecoder: v must be a real floating-point tensor"):
         dec(torch.ones(2, 10, 16, dtype=torch.int32))
 

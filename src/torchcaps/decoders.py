@@ -21,7 +21,10 @@ class MaskedDecoder(nn.Module):
     Every capsule but the selected one is zeroed; the flattened :math:`K \times D` vector goes
     through ``Linear + ReLU`` layers of sizes ``hidden`` and a final ``Linear`` to
     :math:`\prod` ``out_shape`` outputs with a sigmoid. Train with ``target`` = the true label;
-    at test time pass ``None`` to select each sample's longest capsule (the prediction). The
+    at test time pass ``None`` to select each sample's longest capsule (the prediction). A
+    ``target`` of shape :math:`(B, M)` asks for :math:`M` reconstructions per sample, the
+    :math:`m`-th from capsule ``target[:, m]`` alone (the paper's MultiMNIST training
+    reconstructs both digits of a pair, each from its own capsule). The
     paper's decoder is ``MaskedDecoder(10, 16, (1, 28, 28))``: 512 and 1024 hidden units,
     784 sigmoid outputs, 1.4M parameters.
 
@@ -35,8 +38,10 @@ class MaskedDecoder(nn.Module):
 
     Shape:
         - v: :math:`(B, K, D)`.
-        - target: :math:`(B,)` integer indices in :math:`[0, K)`, or ``None``.
-        - Output: :math:`(B, *\text{out\_shape})`, values in :math:`(0, 1)`.
+        - target: :math:`(B,)` or :math:`(B, M)` integer indices in :math:`[0, K)`, or
+          ``None``.
+        - Output: :math:`(B, *\text{out\_shape})`, or :math:`(B, M, *\text{out\_shape})`
+          for a :math:`(B, M)` ``target``; values in :math:`(0, 1)`.
 
     Examples:
         >>> import torch
@@ -45,6 +50,8 @@ class MaskedDecoder(nn.Module):
         >>> x_hat = decoder(torch.randn(2, 10, 16), torch.tensor([3, 7]))
         >>> x_hat.shape
         torch.Size([2, 1, 28, 28])
+        >>> decoder(torch.randn(2, 10, 16), torch.tensor([[3, 5], [7, 0]])).shape
+        torch.Size([2, 2, 1, 28, 28])
         >>> sum(p.numel() for p in decoder.parameters())
         1411344
     """
@@ -104,6 +111,11 @@ class MaskedDecoder(nn.Module):
         check_tensor("v", v, owner=owner)
         check_shape(v, "B K D", name="v", owner=owner, K=self.num_capsules, D=self.capsule_dim)
         check_param_dtype("v", v, cast(nn.Linear, self.net[0]).weight, owner=owner)
+        if isinstance(target, Tensor) and target.dim() == 2:
+            # M reconstructions per sample: sample b's capsules once per entry of target[b]
+            m = check_shape(target, "B M", name="target", owner=owner, B=v.shape[0])["M"]
+            repeated = v.repeat_interleave(m, dim=0)  # (B * M, K, D), sample-major
+            return self(repeated, target.reshape(-1)).view(v.shape[0], m, *self.out_shape)
         masked = mask_capsules(v, target)
         out = self.net(masked.flatten(1))
         return out.view(v.shape[0], *self.out_shape)

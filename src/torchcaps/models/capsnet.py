@@ -37,7 +37,8 @@ class CapsNet(nn.Module):
        ``routing_iterations`` rounds (the paper's DigitCaps);
     4. ``decoder`` (with ``reconstruction=True``): :class:`~torchcaps.MaskedDecoder` from the
        class capsules back to an image of ``in_shape``, masked by ``target`` when given and
-       by the longest capsule (the prediction) otherwise.
+       by the longest capsule (the prediction) otherwise; a :math:`(B, M)` ``target`` gives
+       :math:`M` reconstructions per image, each from its own class capsule.
 
     The class scores are the capsule lengths. The defaults are the paper's MNIST model
     (8,215,568 parameters; 6,804,224 without the decoder), registered as ``"capsnet_mnist"``.
@@ -61,10 +62,11 @@ class CapsNet(nn.Module):
 
     Shape:
         - x: :math:`(B, C, H, W)` = ``(B, *in_shape)``.
-        - target: :math:`(B,)` class indices, or ``None``.
+        - target: :math:`(B,)` or :math:`(B, M)` class indices, or ``None``.
         - Output: :class:`~torchcaps.models.CapsuleOutput` with ``scores`` :math:`(B, K)`,
-          ``capsules`` :math:`(B, K, D)` and ``reconstruction`` :math:`(B, C, H, W)` (or
-          ``None`` without the decoder).
+          ``capsules`` :math:`(B, K, D)` and ``reconstruction`` :math:`(B, C, H, W)`,
+          :math:`(B, M, C, H, W)` for a :math:`(B, M)` ``target`` (or ``None`` without the
+          decoder).
 
     Examples:
         >>> import torch
@@ -174,9 +176,9 @@ def capsnet_multimnist(**kwargs: Any) -> CapsNet:
     """The paper's MultiMNIST CapsNet (section 6): the MNIST architecture on 36x36 pairs.
 
     The primary capsule grid is 10x10 (3,200 capsules); the decoder reconstructs 36x36 from
-    one class capsule, so a pair's two digits are reconstructed by two calls of
-    ``model.decoder(capsules, classes)``, each masked by its own class (the paper's
-    training). 11,361,808 parameters (9,425,664 with ``reconstruction=False``). Keyword
+    one class capsule: with a :math:`(B, 2)` ``target`` (a pair's two classes) the model
+    reconstructs both digits, each masked by its own class (the paper's training).
+    11,361,808 parameters (9,425,664 with ``reconstruction=False``). Keyword
     arguments override the defaults of :class:`CapsNet`.
 
     Examples:
@@ -185,9 +187,8 @@ def capsnet_multimnist(**kwargs: Any) -> CapsNet:
         >>> model = capsnet_multimnist()
         >>> sum(p.numel() for p in model.parameters())
         11361808
-        >>> out = model(torch.rand(2, 1, 36, 36), torch.tensor([3, 5]))
-        >>> second = model.decoder(out.capsules, torch.tensor([8, 1]))  # the other digit
-        >>> out.reconstruction.shape, second.shape
-        (torch.Size([2, 1, 36, 36]), torch.Size([2, 1, 36, 36]))
+        >>> out = model(torch.rand(2, 1, 36, 36), torch.tensor([[3, 8], [5, 1]]))
+        >>> out.reconstruction.shape  # both digits of each pair
+        torch.Size([2, 2, 1, 36, 36])
     """
     return CapsNet(**{"in_shape": (1, 36, 36), "num_classes": 10, **kwargs})
