@@ -117,7 +117,7 @@ class MultiMNISTTask:
         correct = torch.zeros((), device=ctx.device, dtype=torch.long)
         start = time.perf_counter()
         for s in range(0, n, batch_size):
-            batch = pairs.batch(range(s, min(s + batch_size, n)))
+            batch = pairs.batch(list(range(s, min(s + batch_size, n))))
             x = batch.image.contiguous(memory_format=memory_format)
             with autocast_context(ctx.amp, ctx.device):
                 out = ctx.model(x)

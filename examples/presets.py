@@ -22,7 +22,7 @@ from torchcaps import MarginLoss, ReconstructionLoss, SpreadLoss, spread_margin
 from torchcaps.models import CapsuleOutput
 
 # (output, images, labels) -> scalar loss
-LossFn = Callable[[CapsuleOutput, Tensor, Tensor], Tensor]
+LossFn = Callable[[CapsuleOutput, Tensor, Any], Tensor]
 
 
 class Task(Protocol):

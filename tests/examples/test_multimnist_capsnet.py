@@ -102,7 +102,7 @@ def test_evaluation_scores_the_fixed_test_pairs_with_the_top2_metric() -> None:
     got = task.evaluate(ctx, images, labels, batch_size=16, memory_format=torch.contiguous_format)
     pairs = MultiMNIST(images, labels, seed=7, length=40)
     assert len(task.test_set(images, labels)) == 40
-    everything = pairs.batch(range(40))
+    everything = pairs.batch(list(range(40)))
     with torch.no_grad():
         scores = model(everything.image).scores
     correct = int(ex.top2_correct(scores, everything.labels).sum())
