@@ -232,7 +232,14 @@ def evaluate(
         loss, out = forward_loss(ctx, x, y, train=False)
         total_loss += loss.double() * y.shape[0]
         correct += (out.scores.argmax(dim=1) == y).sum()
-    seconds = time.perf_counter() - start
+    return evaluation_metrics(total_loss, correct, n, time.perf_counter() - start)
+
+
+def evaluation_metrics(
+    total_loss: Tensor, correct: Tensor, n: int, seconds: float
+) -> dict[str, float]:
+    """The metrics of an evaluation from its summed loss, its correct count (device scalars,
+    read here: the evaluation's one host sync), its ``n`` samples and its seconds."""
     correct_i = int(correct)
     return {
         "test_loss": float(total_loss) / n,

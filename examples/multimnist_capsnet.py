@@ -19,18 +19,18 @@ paper's metric); ``test_accuracy`` is that fraction and ``test_loss`` the margin
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+import mnist_capsnet
 import train
-from engine import StepContext, autocast_context
-from presets import Recipe, add_flag, add_reconstruction_arguments
-from torchcaps import MarginLoss, ReconstructionLoss
+from engine import StepContext, autocast_context, evaluation_metrics
+from presets import CapsuleLoss, Recipe, add_flag, capsule_loss
+from torchcaps import MarginLoss
 from torchcaps.datasets import MultiMNIST, MultiMNISTBatches
 from torchcaps.models import CapsuleOutput
 
@@ -123,36 +123,24 @@ class MultiMNISTTask:
                 out = ctx.model(x)
             total_loss += self.margin(out.scores.float(), batch.target).double() * x.shape[0]
             correct += top2_correct(out.scores, batch.labels).sum()
-        seconds = time.perf_counter() - start
-        correct_i = int(correct)
-        return {
-            "test_loss": float(total_loss) / n,
-            "test_accuracy": 100.0 * correct_i / n,
-            "test_errors": n - correct_i,
-            "test_samples": n,
-            "test_images_per_second": n / seconds if seconds > 0 else math.nan,
-        }
+        return evaluation_metrics(total_loss, correct, n, time.perf_counter() - start)
 
 
 class PairLoss:
-    """Margin loss on the multi-hot target plus the weighted reconstruction loss of both digits,
-    each against its own component (per pair: the sum over both digits' pixels)."""
+    """The MNIST recipe's loss on a pair: the margin loss on the multi-hot target plus the
+    weighted reconstruction loss of both digits, each against its own component (per pair, the
+    sum over both digits' pixels: the reconstructions are (B, 2, 1, 36, 36))."""
 
     def __init__(self, recon_weight: float = 0.0005) -> None:
-        self.margin = MarginLoss()
-        self.recon = ReconstructionLoss(recon_weight)
+        self.loss = CapsuleLoss(recon_weight)
 
     def __call__(self, out: CapsuleOutput, images: Tensor, target: PairTarget) -> Tensor:
-        loss = self.margin(out.scores.float(), target.multi_hot)
-        if out.reconstruction is not None:
-            loss = loss + self.recon(out.reconstruction.float(), target.components.float())
-        return loss
+        return self.loss(out, target.components, target.multi_hot)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Routing iterations, the decoder, and the test set's size and seed."""
-    add_flag(p, "--routing-iterations", type=int, default=3, help="rounds of dynamic routing")
-    add_reconstruction_arguments(p)
+    """The MNIST recipe's flags, and the test set's size and seed."""
+    mnist_capsnet.add_arguments(p)
     add_flag(
         p,
         "--test-pairs",
@@ -164,18 +152,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--test-seed", type=int, default=0, help="seed of the fixed test pairs")
 
 
-def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments of ``capsnet_multimnist`` (stored in every checkpoint)."""
-    if args.routing_iterations < 1:
-        raise ValueError(f"--routing-iterations must be >= 1, got {args.routing_iterations}")
-    return {"routing_iterations": args.routing_iterations, "reconstruction": args.reconstruction}
-
-
 def pair_loss(args: argparse.Namespace) -> PairLoss:
     """The margin loss plus ``--recon-weight`` x both digits' reconstruction loss."""
-    if not (args.recon_weight >= 0 and math.isfinite(args.recon_weight)):
-        raise ValueError(f"--recon-weight must be >= 0, got {args.recon_weight}")
-    return PairLoss(args.recon_weight)
+    return PairLoss(capsule_loss(args).recon.weight)
 
 
 def task(args: argparse.Namespace) -> MultiMNISTTask:
@@ -192,9 +171,10 @@ RECIPE = Recipe(
     description="CapsNet (Sabour et al. 2017) on MultiMNIST pairs with torchcaps.",
     model="capsnet_multimnist",
     dataset="mnist",
-    model_kwargs=model_kwargs,
+    model_kwargs=mnist_capsnet.model_kwargs,
     loss=pair_loss,
     add_arguments=add_arguments,
+    runtime_kwargs=mnist_capsnet.RECIPE.runtime_kwargs,
     task=task,
     defaults={"epochs": 15, "batch_size": 128, "lr": 0.001},
 )

@@ -147,7 +147,7 @@ def add_reconstruction_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def capsule_loss(args: argparse.Namespace) -> LossFn:
+def capsule_loss(args: argparse.Namespace) -> CapsuleLoss:
     """Margin loss plus ``--recon-weight`` x the reconstruction loss."""
     if not (args.recon_weight >= 0 and math.isfinite(args.recon_weight)):
         raise ValueError(f"--recon-weight must be >= 0, got {args.recon_weight}")

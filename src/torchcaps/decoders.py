@@ -111,11 +111,11 @@ class MaskedDecoder(nn.Module):
         check_tensor("v", v, owner=owner)
         check_shape(v, "B K D", name="v", owner=owner, K=self.num_capsules, D=self.capsule_dim)
         check_param_dtype("v", v, cast(nn.Linear, self.net[0]).weight, owner=owner)
+        lead: tuple[int, ...] = (v.shape[0],)
         if isinstance(target, Tensor) and target.dim() == 2:
             # M reconstructions per sample: sample b's capsules once per entry of target[b]
             m = check_shape(target, "B M", name="target", owner=owner, B=v.shape[0])["M"]
-            repeated = v.repeat_interleave(m, dim=0)  # (B * M, K, D), sample-major
-            return self(repeated, target.reshape(-1)).view(v.shape[0], m, *self.out_shape)
+            v, target, lead = v.repeat_interleave(m, dim=0), target.reshape(-1), (v.shape[0], m)
         masked = mask_capsules(v, target)
         out = self.net(masked.flatten(1))
-        return out.view(v.shape[0], *self.out_shape)
+        return out.view(*lead, *self.out_shape)
