@@ -124,8 +124,52 @@ def augmented_batch(
     world: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """The training batch ``index`` of uint8 ``images``: scaled to [0, 1], augmented."""
-    x = augment(scaled(images[index]), generator, rank, world)
-    return x.contiguous(memory_format=memory_format), labels[index]
+    x, y = Classification(augment).train_batch(images, labels, index, generator, rank, world)
+    return x.contiguous(memory_format=memory_format), y
+
+
+class Classification:
+    """The :class:`~presets.Task` of a recipe without one: batch ``index`` is the augmented
+    ``(images[index], labels[index])``, the labels are the model's target, and the evaluation
+    is :func:`evaluate` (with the recipe's ``eval_transform``)."""
+
+    def __init__(
+        self, augment: Augment, eval_transform: Callable[[Tensor], Tensor] | None = None
+    ) -> None:
+        self.augment = augment
+        self.eval_transform = eval_transform
+
+    def train_batch(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        index: Tensor,
+        generator: torch.Generator,
+        rank: int,
+        world: int,
+    ) -> tuple[Tensor, Tensor]:
+        return self.augment(scaled(images[index]), generator, rank, world), labels[index]
+
+    def model_target(self, target: Tensor) -> Tensor:
+        return target
+
+    def evaluate(
+        self,
+        ctx: StepContext,
+        images: Tensor,
+        labels: Tensor,
+        *,
+        batch_size: int,
+        memory_format: torch.memory_format,
+    ) -> dict[str, float]:
+        return evaluate(
+            ctx,
+            images,
+            labels,
+            batch_size=batch_size,
+            memory_format=memory_format,
+            transform=self.eval_transform,
+        )
 
 
 def train_one_epoch(
@@ -135,7 +179,7 @@ def train_one_epoch(
     *,
     batch_size: int,
     steps: int,
-    augment: Augment,
+    task: Task,
     generator: torch.Generator,
     memory_format: torch.memory_format,
     rank: int = 0,
@@ -143,12 +187,11 @@ def train_one_epoch(
     on_log: Callable[[int, Tensor], None] | None = None,
     log_interval: int = 10,
     first_step: int = 0,
-    task: Task | None = None,
 ) -> dict[str, float]:
     """Train on ``steps`` shuffled batches; ``on_log(step, loss)`` every ``log_interval`` steps.
 
-    A ``task`` makes each batch from its indices (:meth:`Task.train_batch`) in place of
-    :func:`augmented_batch`.
+    ``task`` makes each batch from its indices (:class:`Classification` for a recipe without
+    a task of its own).
 
     A loss with a ``set_step(step, steps_per_epoch)`` method is told the run's step number
     (``first_step`` + the step of this epoch) before every step, for schedules that move with
@@ -170,21 +213,8 @@ def train_one_epoch(
             break
         if set_step is not None:
             set_step(first_step + step, steps)
-        if task is None:
-            x, y = augmented_batch(
-                images,
-                labels,
-                index,
-                augment=augment,
-                generator=generator,
-                memory_format=memory_format,
-                rank=rank,
-                world=world,
-            )
-        else:
-            x, y = task.train_batch(images, labels, index, generator, rank, world)
-            x = x.contiguous(memory_format=memory_format)
-        loss = train_step(ctx, x, y)
+        x, y = task.train_batch(images, labels, index, generator, rank, world)
+        loss = train_step(ctx, x.contiguous(memory_format=memory_format), y)
         total += loss
         seen += 1
         if (step + 1) % log_interval == 0 or step + 1 == steps:
@@ -372,7 +402,11 @@ class Trainer:
             self.net = DistributedDataParallel(self.model, device_ids=ids)
         if args.compile:
             self.net = torch.compile(self.net)
-        self.task = recipe.task(args) if recipe.task is not None else None
+        self.task: Task = (
+            recipe.task(args)
+            if recipe.task is not None
+            else Classification(recipe.augment, recipe.eval_transform)
+        )
         self.step_context = StepContext(
             model=self.net,
             loss_fn=recipe.loss(args),
@@ -381,7 +415,7 @@ class Trainer:
             scheduler=self.scheduler if self.schedule_per_step else None,
             amp=args.amp,
             device=self.device,
-            model_target=self.task.model_target if self.task is not None else None,
+            model_target=self.task.model_target,
         )
 
     # -- state --------------------------------------------------------------------------------
@@ -476,7 +510,7 @@ class Trainer:
                 self.train_labels,
                 batch_size=args.batch_size,
                 steps=self.steps_per_epoch,
-                augment=self.recipe.augment,
+                task=self.task,
                 generator=self.generator,
                 memory_format=self.memory_format,
                 rank=self.dist.rank,
@@ -484,7 +518,6 @@ class Trainer:
                 on_log=on_log,
                 log_interval=args.log_interval,
                 first_step=self.epoch * self.steps_per_epoch,
-                task=self.task,
             )
         except NonFiniteLossError as exc:
             raise NonFiniteLossError(
@@ -494,20 +527,11 @@ class Trainer:
             ) from exc
 
     def evaluate(self) -> dict[str, float]:
-        """:func:`evaluate` on the test set (the task's evaluation, if the recipe has one)."""
-        if self.task is not None:
-            return self.task.evaluate(
-                self.step_context,
-                self.test_images,
-                self.test_labels,
-                batch_size=self.args.test_batch_size,
-                memory_format=self.memory_format,
-            )
-        return evaluate(
+        """The task's evaluation on the test set (:func:`evaluate` for classification)."""
+        return self.task.evaluate(
             self.step_context,
             self.test_images,
             self.test_labels,
             batch_size=self.args.test_batch_size,
             memory_format=self.memory_format,
-            transform=self.recipe.eval_transform,
         )
