@@ -167,7 +167,8 @@ def resolve_matrix_routing(routing: str | MatrixRouting, **kwargs: Any) -> Matri
 
     Examples:
         >>> from torchcaps.routing import resolve_matrix_routing
-        >>> resolve_matrix_routing("em", out_capsules=5, iterations=2)
-        EMRouting(out_capsules=5, iterations=2, final_lambda=0.01, eps=0.0001, mass_scale=100.0)
+        >>> routing = resolve_matrix_routing("em", out_capsules=5, iterations=2)
+        >>> type(routing).__name__, routing.out_capsules, routing.iterations
+        ('EMRouting', 5, 2)
     """
     return _resolve(routing, MatrixRouting, kwargs)
