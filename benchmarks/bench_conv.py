@@ -32,7 +32,7 @@ import torch
 
 from _common import Column, Report, Setting, Spec, run, timed
 from torchcaps import Conv2dCaps
-from torchcaps.layers._tap_matmul import auto_prefers_tap_matmul
+from torchcaps.layers._tap_matmul import auto_tap_matmul_dtype
 
 # name -> batch, in_channels, out_capsules, capsule_dim, kernel, stride, padding, input size
 SHAPES: dict[str, tuple[int, int, int, int, int, int, int, int]] = {
@@ -82,7 +82,7 @@ def measure(name: str, settings: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "shape": name,
         "batch": b,
-        "auto": "matmul" if auto_prefers_tap_matmul(x, native.conv.weight) else "native",
+        "auto": "matmul" if auto_tap_matmul_dtype(x, native.conv.weight) is not None else "native",
         "max_rel_diff": diff,
     }
     xg = x.clone().requires_grad_()

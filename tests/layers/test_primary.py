@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.autograd import gradcheck
 
+import torchcaps.layers._tap_matmul
 import torchcaps.layers.primary
 from _strategies import (
     MODULE_DTYPES,
@@ -181,15 +182,15 @@ def test_paper_primary_caps_float32_agrees() -> None:
     torch.testing.assert_close(matmul(x), native(x), atol=1e-5, rtol=1e-4)
 
 
-def test_matmul_under_autocast_computes_in_the_weight_dtype() -> None:
+def test_matmul_under_autocast_computes_in_bfloat16_with_float32_sums() -> None:
     layer = Conv2dCaps(4, 3, 2, kernel_size=3, conv_impl="matmul")
     x = torch.randn(2, 4, 6, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x.bfloat16())
-    expected = Conv2dCaps(4, 3, 2, kernel_size=3, conv_impl="native")
-    expected.load_state_dict(layer.state_dict())
+    conv = layer.conv
+    s = tap_matmul_conv2d(x, conv.weight, conv.bias, (1, 1), (0, 0), torch.bfloat16)
     assert y.dtype == torch.float32
-    torch.testing.assert_close(y, expected(x.bfloat16().float()), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(y, squash(s.unflatten(1, (3, 2)).permute(0, 1, 3, 4, 2)))
 
 
 def test_bad_conv_impl() -> None:
@@ -208,9 +209,11 @@ def test_conv_impl_in_repr() -> None:
 class _Spy:
     def __init__(self) -> None:
         self.calls = 0
+        self.dtypes: list[torch.dtype | None] = []
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
+        self.dtypes.append(args[5] if len(args) > 5 else kwargs.get("compute_dtype"))
         return tap_matmul_conv2d(*args, **kwargs)
 
 
@@ -232,12 +235,25 @@ def _wide(dtype: torch.dtype = torch.float32, **kwargs) -> Conv2dCaps:
 def test_auto_uses_matmul_for_wide_float32_cpu_layers(spy: _Spy) -> None:
     assert MIN_TAPS == 81
     _wide()(torch.randn(1, MIN_CHANNELS, 11, 11))
-    assert spy.calls == 1
+    assert spy.calls == 1 and spy.dtypes == [torch.float32]
+
+
+@pytest.mark.parametrize("bf16_instructions", [True, False])
+def test_auto_under_bfloat16_autocast(
+    spy: _Spy, monkeypatch: pytest.MonkeyPatch, bf16_instructions: bool
+) -> None:
+    monkeypatch.setattr(
+        torchcaps.layers._tap_matmul, "cpu_has_bf16_instructions", lambda: bf16_instructions
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u = _wide()(torch.randn(1, MIN_CHANNELS, 11, 11).bfloat16())
+    assert spy.dtypes == [torch.bfloat16 if bf16_instructions else torch.float32]
+    assert u.dtype == torch.float32
 
 
 @pytest.mark.parametrize(
     "case",
-    ["native", "float64", "narrow-in", "narrow-out", "small-kernel", "autocast", "jit-trace"],
+    ["native", "float64", "narrow-in", "narrow-out", "small-kernel", "fp16-autocast", "jit-trace"],
 )
 def test_auto_falls_back_to_native(spy: _Spy, case: str) -> None:
     c = MIN_CHANNELS
@@ -254,8 +270,8 @@ def test_auto_falls_back_to_native(spy: _Spy, case: str) -> None:
         layer = Conv2dCaps(c, c // 8, 8, kernel_size=(9, 8))
     else:
         layer = _wide()
-    if case == "autocast":
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+    if case == "fp16-autocast":
+        with torch.autocast("cpu", dtype=torch.float16):
             layer(x)
     elif case == "jit-trace":
         traced = torch.jit.trace(layer, (x,), check_trace=False)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 import torchcaps.layers._tap_matmul
-from torchcaps.layers._tap_matmul import MIN_CHANNELS, auto_prefers_tap_matmul, tap_matmul_conv2d
+from torchcaps.layers._tap_matmul import MIN_CHANNELS, auto_tap_matmul_dtype, tap_matmul_conv2d
 
 CONFIGS = [
     # (B, C, O, H, W, k, stride, padding, bias)
@@ -97,7 +97,91 @@ def test_auto_rule_excludes_fake_tensors() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     weight = torch.randn(MIN_CHANNELS, MIN_CHANNELS, 9, 9)
-    assert auto_prefers_tap_matmul(torch.randn(1, MIN_CHANNELS, 9, 9), weight)
+    assert auto_tap_matmul_dtype(torch.randn(1, MIN_CHANNELS, 9, 9), weight) == torch.float32
     with FakeTensorMode() as mode:
         fake = mode.from_tensor(torch.randn(1, MIN_CHANNELS, 9, 9))
-        assert not auto_prefers_tap_matmul(fake, weight)
+        assert auto_tap_matmul_dtype(fake, weight) is None
+
+
+# -- bfloat16 products -----------------------------------------------------------------------
+def _bf16_exact(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` rounded to bfloat16 and held in float64 (the products' exact inputs)."""
+    return None if t is None else t.bfloat16().double()
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("chunk_rows", [7, 10**9])
+def test_bfloat16_products_sum_in_float32(
+    monkeypatch: pytest.MonkeyPatch, config: tuple, chunk_rows: int
+) -> None:
+    # Each GEMM accumulates in float32 and rounds its result once to bfloat16 (relative error
+    # <= 2**-9); the results are summed in float32. So every error is within 2**-8 of the same
+    # computation on absolute values (float32 sums in bfloat16 would exceed it: each of the
+    # many roundings is relative to a running sum).
+    monkeypatch.setattr(torchcaps.layers._tap_matmul, "CHUNK_ROWS", chunk_rows)
+    x, weight, bias = _inputs(config, torch.float32, channels_last=True)
+    stride, padding = config[6], config[7]
+    args = [t.requires_grad_() for t in (x, weight, bias) if t is not None]
+    y = tap_matmul_conv2d(*args[:2], bias, stride, padding, torch.bfloat16)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, args, g)
+    assert y.dtype == torch.float32 and all(t.dtype == torch.float32 for t in got)
+
+    xe, we, be = _bf16_exact(x.detach()), _bf16_exact(weight.detach()), _bf16_exact(bias)
+    ge = _bf16_exact(g)
+    inputs = [t.requires_grad_() for t in (xe, we, be) if t is not None]
+    abs_inputs = [t.detach().abs().requires_grad_() for t in inputs]
+
+    def conv(ts: list[torch.Tensor]) -> torch.Tensor:
+        b = ts[2] if len(ts) > 2 else None
+        return F.conv2d(ts[0], ts[1], b, stride=stride, padding=padding)
+
+    exact_y = conv(inputs)
+    exact = torch.autograd.grad(exact_y, inputs, ge)
+    abs_y = conv(abs_inputs)
+    bound = torch.autograd.grad(abs_y, abs_inputs, ge.abs())
+    for name, a, e, m in zip(
+        ("y", "x", "weight", "bias"), (y, *got), (exact_y, *exact), (abs_y, *bound)
+    ):
+        err = (a.double() - e).abs()
+        assert bool((err <= 2**-8 * m + 1e-6).all()), name
+
+
+def test_bfloat16_under_autocast_by_default() -> None:
+    x, weight, bias = _inputs(CONFIGS[1], torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = tap_matmul_conv2d(x, weight, bias, (2, 1), (1, 0))
+    assert y.dtype == torch.float32
+    expected = tap_matmul_conv2d(x, weight, bias, (2, 1), (1, 0), torch.bfloat16)
+    torch.testing.assert_close(y, expected, atol=0, rtol=0)
+    assert not torch.equal(y, tap_matmul_conv2d(x, weight, bias, (2, 1), (1, 0)))
+
+
+@pytest.mark.parametrize("bf16_instructions", [True, False])
+def test_auto_dtype_under_autocast(
+    monkeypatch: pytest.MonkeyPatch, bf16_instructions: bool
+) -> None:
+    # Emulated bfloat16 (no AVX512-BF16/AMX) is slower than float32: auto keeps float32 there.
+    monkeypatch.setattr(
+        torchcaps.layers._tap_matmul, "cpu_has_bf16_instructions", lambda: bf16_instructions
+    )
+    weight = torch.randn(MIN_CHANNELS, MIN_CHANNELS, 9, 9)
+    x = torch.randn(1, MIN_CHANNELS, 9, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = auto_tap_matmul_dtype(x.bfloat16(), weight)
+    assert got == (torch.bfloat16 if bf16_instructions else torch.float32)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert auto_tap_matmul_dtype(x, weight) is None
+    assert auto_tap_matmul_dtype(x.bfloat16(), weight) is None  # no autocast: mismatched dtypes
+
+
+def test_cpu_has_bf16_instructions_reads_the_cpu_flags() -> None:
+    from torchcaps.layers._tap_matmul import cpu_has_bf16_instructions
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        assert cpu_has_bf16_instructions() is False
+        return
+    assert cpu_has_bf16_instructions() == ("avx512_bf16" in flags or "amx_bf16" in flags)

@@ -1,17 +1,25 @@
-"""A 2-D convolution computed as one matrix product per kernel offset (CPU fast path).
+"""A 2-D convolution computed as matrix products over the kernel taps (CPU fast path).
 
 For a kernel of ``KH x KW`` taps the convolution is the sum over taps ``(ky, kx)`` of a
 ``(B*H'*W', C) @ (C, O)`` product between the input pixels under that tap (a strided window
-of the channels-last input) and the tap's weight slice. With wide layers (the paper's
-PrimaryCaps: 256 -> 256 channels, 9x9, stride 2) each product is a large, cache-friendly GEMM,
-and on CPUs the forward, input-gradient and weight-gradient passes all run faster than
-oneDNN's direct convolution (docs/performance.md). The backward pass uses the same
-per-tap products; a double backward (``create_graph=True``) is computed through
+of the channels-last input) and the tap's weight slice. The forward and weight-gradient passes
+group the ``KW`` taps of one kernel row into one product of depth ``KW * C`` (one copy of the
+row's windows, one large GEMM); the input gradient scatters one product per kernel row back
+onto the taps' windows. With wide layers (the paper's PrimaryCaps: 256 -> 256 channels, 9x9,
+stride 2) these are large, cache-friendly GEMMs, faster than oneDNN's direct convolution on the
+CPUs measured in docs/performance.md.
+
+The products run in a *compute* dtype, float32 or bfloat16: in bfloat16 each product
+accumulates in float32 inside the GEMM, is rounded once to bfloat16, and the products of the
+kernel rows (and of the taps, for the input gradient) are summed in float32, so the result
+and the gradients are float32. A double backward (``create_graph=True``) is computed through
 :func:`torch.nn.functional.conv2d` so higher-order gradients stay exact.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +32,7 @@ from torchcaps._checks import in_graph_capture, is_functorch_wrapped
 __all__: list[str] = []
 
 # The auto rule: both channel counts at least MIN_CHANNELS and at least MIN_TAPS kernel taps
-# (where per-tap GEMMs beat oneDNN; measurements in docs/performance.md).
+# (where tap GEMMs beat oneDNN; measurements in docs/performance.md).
 MIN_CHANNELS = 256
 MIN_TAPS = 81
 
@@ -33,14 +41,27 @@ MIN_TAPS = 81
 CHUNK_ROWS = 4608
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def _nhwc(x: Tensor, padding: tuple[int, int]) -> Tensor:
-    """``x`` (B, C, H, W) as a contiguous, zero-padded (B, H + 2p, W + 2p, C) tensor."""
+def _nhwc(x: Tensor, padding: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """``x`` (B, C, H, W) as a contiguous, zero-padded (B, H + 2p, W + 2p, C) ``dtype`` tensor."""
     xn = x.permute(0, 2, 3, 1)
     if padding != (0, 0):
         xn = F.pad(xn, (0, 0, padding[1], padding[1], padding[0], padding[0]))
-    return xn.contiguous()
+    return _contiguous(xn, dtype)
+
+
+def _taps(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """The weight (O, C, KH, KW) as contiguous (KH, KW, C, O) tap matrices of ``dtype``."""
+    return _contiguous(weight.permute(2, 3, 1, 0), dtype)
+
+
+def _contiguous(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """A contiguous copy of ``t`` in ``dtype``, cast and laid out in one pass."""
+    if t.dtype == dtype:
+        return t.contiguous()
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
 
 
 class _TapMatmulConv2d(torch.autograd.Function):
@@ -52,69 +73,122 @@ class _TapMatmulConv2d(torch.autograd.Function):
         bias: Tensor | None,
         stride: tuple[int, int],
         padding: tuple[int, int],
+        compute: torch.dtype,
     ) -> Tensor:
-        b, c = x.shape[:2]
-        o, _, kh, kw = weight.shape
-        xn = _nhwc(x, padding)
+        b = x.shape[0]
+        o, c, kh, kw = weight.shape
+        acc = _accumulation_dtype(compute)
+        xn = _nhwc(x, padding, compute)
         h_out = (xn.shape[1] - kh) // stride[0] + 1
         w_out = (xn.shape[2] - kw) // stride[1] + 1
-        taps = weight.permute(2, 3, 1, 0).contiguous()  # (KH, KW, C, O)
-        out = torch.empty(b * h_out * w_out, o, dtype=x.dtype, device=x.device)
+        taps = _taps(weight, compute).view(kh, kw * c, o)
+        out = torch.empty(b * h_out * w_out, o, dtype=acc, device=x.device)
         if bias is not None:
             out.copy_(bias.expand_as(out))
         else:
             out.zero_()
+        scratch = _Scratch()
         for rows, xs in _batch_chunks(xn, h_out * w_out):
             out_rows = out[rows]
-            for ky, kx, window in _windows(xs, kh, kw, h_out, w_out, stride):
-                out_rows.addmm_(window.reshape(-1, c), taps[ky, kx])
+            for ky, cols in _row_columns(xs, kh, kw, h_out, w_out, stride, scratch):
+                _add_product(out_rows, cols, taps[ky], scratch)
         ctx.save_for_backward(x, weight, bias)
-        ctx.stride, ctx.padding = stride, padding
+        ctx.stride, ctx.padding, ctx.compute = stride, padding, compute
         return out.view(b, h_out, w_out, o).permute(0, 3, 1, 2)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, bias = ctx.saved_tensors
-        stride, padding = ctx.stride, ctx.padding
+        stride, padding, compute = ctx.stride, ctx.padding, ctx.compute
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        nones = (None, None, None)
         if torch.is_grad_enabled():
             # create_graph=True: differentiate the native convolution instead, so that the
             # returned gradients carry their own graph (double backward, gradient penalties).
+            acc = grad.dtype
             inputs = [t for t, need in ((x, need_x), (weight, need_w), (bias, need_b)) if need]
             with torch.enable_grad():
-                y = F.conv2d(x, weight, bias, stride=stride, padding=padding)
+                b_acc = bias.to(acc) if bias is not None else None
+                y = F.conv2d(x.to(acc), weight.to(acc), b_acc, stride=stride, padding=padding)
                 grads = iter(torch.autograd.grad(y, inputs, grad, create_graph=True))
             return tuple(next(grads) if need else None for need in (need_x, need_w, need_b)) + (
-                None,
-                None,
+                nones
             )
         b, c, h, w = x.shape
         o, _, kh, kw = weight.shape
+        acc = _accumulation_dtype(compute)
         h_out, w_out = grad.shape[2], grad.shape[3]
         g = grad.permute(0, 2, 3, 1).reshape(b * h_out * w_out, o)
+        g_acc = g.to(acc)
+        g = g.to(compute)
         grad_x = grad_w = grad_b = None
         if need_x:
-            taps = weight.permute(2, 3, 1, 0).contiguous()
+            taps = _taps(weight, compute).view(kh, kw * c, o)
             gxn = torch.zeros(
-                b, h + 2 * padding[0], w + 2 * padding[1], c, dtype=grad.dtype, device=grad.device
+                b, h + 2 * padding[0], w + 2 * padding[1], c, dtype=acc, device=grad.device
             )
+            scratch = _Scratch()
             for rows, gs in _batch_chunks(gxn, h_out * w_out):
                 g_rows = g[rows]
-                for ky, kx, window in _windows(gs, kh, kw, h_out, w_out, stride):
-                    window += torch.mm(g_rows, taps[ky, kx].t()).view(-1, h_out, w_out, c)
+                for ky in range(kh):
+                    # (rows, KW * C): the row's taps in one product, then each tap's part is
+                    # added to its own window (the taps' windows overlap, so one at a time).
+                    cols = scratch.product(g_rows, taps[ky].t(), acc)
+                    cols = cols.view(-1, h_out, w_out, kw, c)
+                    for kx, window in _tap_windows(gs, ky, kw, h_out, w_out, stride):
+                        window += cols[:, :, :, kx]
             gxn = gxn[:, padding[0] : padding[0] + h, padding[1] : padding[1] + w]
             grad_x = gxn.permute(0, 3, 1, 2)
         if need_w:
-            xn = _nhwc(x, padding)
-            gtaps = torch.zeros(kh, kw, c, o, dtype=grad.dtype, device=grad.device)
+            xn = _nhwc(x, padding, compute)
+            gtaps = torch.zeros(kh, kw * c, o, dtype=acc, device=grad.device)
+            scratch = _Scratch()
             for rows, xs in _batch_chunks(xn, h_out * w_out):
                 g_rows = g[rows]
-                for ky, kx, window in _windows(xs, kh, kw, h_out, w_out, stride):
-                    gtaps[ky, kx].addmm_(window.reshape(-1, c).t(), g_rows)
-            grad_w = gtaps.permute(3, 2, 0, 1)
+                for ky, cols in _row_columns(xs, kh, kw, h_out, w_out, stride, scratch):
+                    _add_product(gtaps[ky], cols.t(), g_rows, scratch)
+            grad_w = gtaps.view(kh, kw, c, o).permute(3, 2, 0, 1)
         if need_b:
-            grad_b = g.sum(0)
-        return grad_x, grad_w, grad_b, None, None
+            grad_b = g_acc.sum(0)
+        return grad_x, grad_w, grad_b, *nones
+
+
+def _accumulation_dtype(compute: torch.dtype) -> torch.dtype:
+    """Where products of ``compute`` dtype are summed: float32 for half precision."""
+    return torch.float32 if compute in _LOW_PRECISION else compute
+
+
+class _Scratch:
+    """Buffers reused across the kernel rows of one pass.
+
+    A fresh large tensor for every row would pay its page faults every time.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def buffer(self, name: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype) -> Tensor:
+        """A (B, ...) buffer of ``shape`` and ``dtype``; a view of an earlier, larger one."""
+        numel = math.prod(shape)
+        buf = self._buffers.get((name, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = self._buffers[(name, dtype)] = torch.empty(numel, dtype=dtype, device=like.device)
+        return buf[:numel].view(shape)
+
+    def product(self, a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+        """``a @ b`` in a reused buffer, cast to ``dtype`` (in a second one) if it differs."""
+        p = torch.mm(a, b, out=self.buffer("product", (a.shape[0], b.shape[1]), a, a.dtype))
+        if dtype == p.dtype:
+            return p
+        return self.buffer("cast", p.shape, p, dtype).copy_(p)
+
+
+def _add_product(out: Tensor, a: Tensor, b: Tensor, scratch: _Scratch) -> None:
+    """``out += a @ b``, in place; ``out`` may have a wider dtype than ``a`` and ``b``."""
+    if out.dtype == a.dtype:
+        out.addmm_(a, b)
+    else:
+        out += scratch.product(a, b, out.dtype)
 
 
 def _batch_chunks(xn: Tensor, positions: int) -> Iterator[tuple[slice, Tensor]]:
@@ -129,15 +203,38 @@ def _batch_chunks(xn: Tensor, positions: int) -> Iterator[tuple[slice, Tensor]]:
         yield slice(start * positions, stop * positions), xn[start:stop]
 
 
-def _windows(
-    xn: Tensor, kh: int, kw: int, h_out: int, w_out: int, stride: tuple[int, int]
-) -> Iterator[tuple[int, int, Tensor]]:
-    """Yield ``(ky, kx, view)``: the (B, H', W', C) window of ``xn`` under each kernel tap."""
+def _row_columns(
+    xn: Tensor,
+    kh: int,
+    kw: int,
+    h_out: int,
+    w_out: int,
+    stride: tuple[int, int],
+    scratch: _Scratch,
+) -> Iterator[tuple[int, Tensor]]:
+    """Yield ``(ky, cols)``: kernel row ``ky``'s windows as a (B * H' * W', KW * C) matrix.
+
+    ``xn`` is (B, H, W, C) with contiguous rows. The rows' windows overlap (neighbouring taps
+    share pixels), so each is copied into ``cols``, a buffer reused for every row.
+    """
+    sb, sh, sw, sc = xn.stride()
+    b, c = xn.shape[0], xn.shape[3]
+    size = (b, h_out, w_out, kw, c)
+    strides = (sb, sh * stride[0], sw * stride[1], sw, sc)
+    cols = scratch.buffer("cols", size, xn, xn.dtype)
+    for ky in range(kh):
+        cols.copy_(xn.as_strided(size, strides, xn.storage_offset() + ky * sh))
+        yield ky, cols.view(b * h_out * w_out, kw * c)
+
+
+def _tap_windows(
+    xn: Tensor, ky: int, kw: int, h_out: int, w_out: int, stride: tuple[int, int]
+) -> Iterator[tuple[int, Tensor]]:
+    """Yield ``(kx, view)``: the (B, H', W', C) window of ``xn`` under tap ``(ky, kx)``."""
     span_h = stride[0] * (h_out - 1) + 1
     span_w = stride[1] * (w_out - 1) + 1
-    for ky in range(kh):
-        for kx in range(kw):
-            yield ky, kx, xn[:, ky : ky + span_h : stride[0], kx : kx + span_w : stride[1], :]
+    for kx in range(kw):
+        yield kx, xn[:, ky : ky + span_h : stride[0], kx : kx + span_w : stride[1], :]
 
 
 def tap_matmul_conv2d(
@@ -146,40 +243,76 @@ def tap_matmul_conv2d(
     bias: Tensor | None,
     stride: tuple[int, int],
     padding: tuple[int, int],
+    compute_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """``F.conv2d(x, weight, bias, stride, padding)`` (dilation 1, one group) as per-tap GEMMs.
+    """``F.conv2d(x, weight, bias, stride, padding)`` (dilation 1, one group) as tap GEMMs.
 
-    Runs in the dtype of ``x`` and ``weight`` with autocast disabled. The result has
-    channels-last strides. Under autocast, ``x`` is cast to the weight's dtype.
+    ``compute_dtype``: the dtype of the matrix products. ``None``: the CPU autocast dtype
+    where autocast is on for ``x``'s device (bfloat16 or float16), the weight's dtype
+    otherwise. The result has channels-last strides; under autocast it is float32 when the
+    products run in half precision (their sums are float32, like autocast's float32 ops),
+    outside autocast it has the weight's dtype.
     """
-    if x.dtype != weight.dtype:
-        x = x.to(weight.dtype)
-    if x.device.type in ("cpu", "cuda"):
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return _TapMatmulConv2d.apply(x, weight, bias, stride, padding)
-    return _TapMatmulConv2d.apply(x, weight, bias, stride, padding)
+    device = x.device.type
+    autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
+    if compute_dtype is None:
+        compute_dtype = torch.get_autocast_dtype(device) if autocast else weight.dtype
+    if not autocast:
+        return _TapMatmulConv2d.apply(x, weight, bias, stride, padding, compute_dtype).to(
+            weight.dtype
+        )
+    with torch.autocast(device_type=device, enabled=False):
+        return _TapMatmulConv2d.apply(x, weight, bias, stride, padding, compute_dtype)
 
 
-def auto_prefers_tap_matmul(x: Tensor, weight: Tensor) -> bool:
-    """Whether ``conv_impl="auto"`` computes this convolution with :func:`tap_matmul_conv2d`.
+@functools.cache
+def cpu_has_bf16_instructions() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX-BF16 on x86).
 
-    Only plain eager float32 CPU tensors outside autocast, tracing, compilation, export and
-    functorch transforms, for wide layers (see :data:`MIN_CHANNELS`, :data:`MIN_TAPS`).
+    Read from ``/proc/cpuinfo`` (Linux); ``False`` where it cannot be read. Without them
+    bfloat16 matmuls are emulated and slower than float32 (docs/performance.md).
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def auto_tap_matmul_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
+    """The compute dtype ``conv_impl="auto"`` runs :func:`tap_matmul_conv2d` in, or ``None``.
+
+    ``None`` (torch's convolution) except for plain eager float32 CPU tensors outside tracing,
+    compilation, export and functorch transforms, in wide layers (see :data:`MIN_CHANNELS`,
+    :data:`MIN_TAPS`). Outside autocast: float32. Under CPU bfloat16 autocast: bfloat16 where
+    the CPU has bf16 instructions, float32 where bf16 would be emulated (slower than float32).
     """
     if in_graph_capture():
-        return False
+        return None
     o, c, kh, kw = weight.shape
-    return (
+    eligible = (
         type(x) in _PLAIN  # not a FakeTensor or another tensor subclass
         and type(weight) in _PLAIN
         and x.device.type == "cpu"
-        and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.numel() > 0
         and c >= MIN_CHANNELS
         and o >= MIN_CHANNELS
         and kh * kw >= MIN_TAPS
-        and not torch.is_autocast_enabled("cpu")
         and not is_functorch_wrapped(x)
         and not is_functorch_wrapped(weight)
     )
+    if not eligible:
+        return None
+    if not torch.is_autocast_enabled("cpu"):
+        return torch.float32 if x.dtype == torch.float32 else None
+    if torch.get_autocast_dtype("cpu") != torch.bfloat16 or x.dtype not in (
+        torch.float32,
+        torch.bfloat16,
+    ):
+        return None
+    return torch.bfloat16 if cpu_has_bf16_instructions() else torch.float32

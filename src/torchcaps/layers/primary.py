@@ -20,7 +20,7 @@ from torchcaps._checks import (
 from torchcaps.errors import ShapeError
 from torchcaps.functional import squash
 from torchcaps.layers._common import output_size
-from torchcaps.layers._tap_matmul import auto_prefers_tap_matmul, tap_matmul_conv2d
+from torchcaps.layers._tap_matmul import auto_tap_matmul_dtype, tap_matmul_conv2d
 
 __all__ = ["Conv2dCaps"]
 
@@ -59,12 +59,14 @@ class Conv2dCaps(nn.Module):
             :func:`~torchcaps.functional.exp_squash`.
         conv_impl: how the convolution is computed; the result is the same up to float
             rounding. ``"native"``: :class:`torch.nn.Conv2d` (oneDNN, cuDNN, ...).
-            ``"matmul"``: one matrix product per kernel tap over the channels-last input, in
-            the parameters' dtype with autocast off. ``"auto"`` (default): ``"matmul"`` where
-            it is faster (eager float32 on CPU, wide layers with large kernels such as the
-            paper's PrimaryCaps), ``"native"`` otherwise; the rule and its measurements are on
-            the :doc:`Performance </performance>` page. Double backward works with every choice.
-            ``"matmul"`` needs ``groups=1``.
+            ``"matmul"``: matrix products over the kernel taps of the channels-last input, in
+            the parameters' dtype, or under autocast in the autocast dtype with float32 sums
+            (the capsules are then float32). ``"auto"`` (default): ``"matmul"`` where it is
+            faster (eager CPU float32 parameters, wide layers with large kernels such as the
+            paper's PrimaryCaps; under bfloat16 autocast in bfloat16 where the CPU has bf16
+            instructions, in float32 where bf16 would be emulated), ``"native"`` otherwise;
+            the rule and its measurements are on the :doc:`Performance </performance>` page.
+            Double backward works with every choice. ``"matmul"`` needs ``groups=1``.
         device: device of the parameters.
         dtype: dtype of the parameters.
 
@@ -198,12 +200,11 @@ class Conv2dCaps(nn.Module):
                 f"{shape_str(x.shape)}"
             )
         conv = self.conv
-        if self.conv_impl == "matmul" or (
-            self.conv_impl == "auto"
-            and self.groups == 1
-            and auto_prefers_tap_matmul(x, conv.weight)
-        ):
-            y = tap_matmul_conv2d(x, conv.weight, conv.bias, self.stride, self.padding)
+        compute = None
+        if self.conv_impl == "auto" and self.groups == 1:
+            compute = auto_tap_matmul_dtype(x, conv.weight)
+        if self.conv_impl == "matmul" or compute is not None:
+            y = tap_matmul_conv2d(x, conv.weight, conv.bias, self.stride, self.padding, compute)
         else:
             y = conv(x)  # (B, N*D, H', W'), any memory format
         y = y.unflatten(1, (self.out_capsules, self.capsule_dim)).permute(0, 1, 3, 4, 2)
