@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from torch.autograd import gradcheck
+from torch.autograd import gradcheck, gradgradcheck
 
 from _helpers import TOL
 from _strategies import (
@@ -25,6 +25,7 @@ from _strategies import (
 )
 from reference import routing_ref
 from torchcaps import DynamicRouting, squash
+from torchcaps.routing import dynamic
 from torchcaps.testing import assert_routing_contract
 
 shapes = st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 6), st.integers(1, 5))
@@ -139,6 +140,42 @@ def test_gradcheck_through_all_rounds() -> None:
     assert gradcheck(
         lambda t: DynamicRouting(3, learned_prior=(5, 3), dtype=torch.float64)(t), (u,)
     )
+
+
+@pytest.mark.parametrize("which", ["weighted_sum", "agreement"])
+def test_contraction_backward_matches_einsum(which: str) -> None:
+    # The eager contractions' own backward (broadcast products in place of bmm's outer
+    # products), against einsum written from the definitions, first and second order.
+    g = torch.Generator().manual_seed(5)
+    u = torch.randn(4, 7, 3, dtype=torch.float64, generator=g).requires_grad_()
+    if which == "weighted_sum":
+        c = torch.randn(4, 7, dtype=torch.float64, generator=g).requires_grad_()
+        args, fn = (c, u), dynamic._WeightedSum.apply
+        expected = torch.einsum("mn,mnd->md", c, u)
+    else:
+        v = torch.randn(4, 3, dtype=torch.float64, generator=g).requires_grad_()
+        args, fn = (u, v), dynamic._Agreement.apply
+        expected = torch.einsum("mnd,md->mn", u, v)
+    got = fn(*args)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+    w = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, args, w), torch.autograd.grad(expected, args, w)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    assert gradcheck(fn, args)
+    assert gradgradcheck(fn, args)
+
+
+def test_eager_and_captured_contractions_agree() -> None:
+    u = _u((3, 9, 4, 5), seed=6).requires_grad_(True)
+    routing = DynamicRouting(3)
+    (g_eager,) = torch.autograd.grad(routing(u).pow(2).sum(), u)
+    assert dynamic._contractions(u)[0] == dynamic._WeightedSum.apply
+    with torch.no_grad():
+        assert dynamic._contractions(u)[0] is dynamic._bmm_weighted_sum
+    traced = torch.jit.trace(routing, (u,), check_trace=False)
+    (g_traced,) = torch.autograd.grad(traced(u).pow(2).sum(), u)
+    torch.testing.assert_close(g_eager, g_traced, atol=1e-12, rtol=1e-10)
+    assert "PythonOp" not in str(traced.graph)
 
 
 def test_gradients_flow_through_routing_rounds_by_default() -> None:

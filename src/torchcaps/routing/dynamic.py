@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-from torchcaps._checks import check_float, check_int, float32_compute, no_autocast
+from torchcaps._checks import (
+    check_float,
+    check_int,
+    float32_compute,
+    in_graph_capture,
+    is_functorch_wrapped,
+    no_autocast,
+)
 from torchcaps.functional import squash
 from torchcaps.routing.base import Routing
 
@@ -127,6 +137,7 @@ class DynamicRouting(Routing):
         # calls on views, with no broadcast/expand in the autograd graph.
         u3 = u.view(batch * n_out, n_in, dim)
         u3_inner = u3.detach() if self.stop_gradient else u3
+        weighted_sum, agreement_of = _contractions(u3)
         b: Tensor | None = None  # routing logits, laid out (B, N_out, N_in)
         if self.log_prior is not None:
             prior = self.log_prior.to(u.dtype).t()  # (N_out, N_in)
@@ -141,11 +152,59 @@ class DynamicRouting(Routing):
                 s = uu.sum(dim=1) * (1.0 / n_out)  # (B*N_out, D)
             else:
                 c = torch.softmax(b, dim=1)  # over the parents j
-                s = torch.bmm(c.reshape(batch * n_out, 1, n_in), uu).squeeze(1)
+                s = weighted_sum(c.reshape(batch * n_out, n_in), uu)
             v = squash(s, dim=-1, eps=self.eps)
             if not last:
-                agreement = torch.bmm(uu, v.unsqueeze(-1)).view(batch, n_out, n_in)
+                agreement = agreement_of(uu, v).view(batch, n_out, n_in)
                 b = agreement if b is None else b + agreement
         if c is None:
             c = u.new_full((batch, n_out, n_in), 1.0 / n_out)
         return v.view(batch, n_out, dim), c
+
+
+# The two contractions of a round, on (M, N, D) predictions u: s = sum_i c_i u_i (c (M, N)) and
+# a_i = <u_i, v> (v (M, D)). Both are batched matrix-vector products; torch.bmm's backward
+# computes their gradient for u as M outer products (K = 1 matmuls, several times slower than
+# the memory traffic they need), so the eager path has its own backward with a broadcast
+# product instead. Graph capture and functorch transforms get the plain bmm.
+def _bmm_weighted_sum(c: Tensor, u: Tensor) -> Tensor:
+    return torch.bmm(c.unsqueeze(1), u).squeeze(1)
+
+
+def _bmm_agreement(u: Tensor, v: Tensor) -> Tensor:
+    return torch.bmm(u, v.unsqueeze(-1)).squeeze(-1)
+
+
+class _WeightedSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, c: Tensor, u: Tensor) -> Tensor:
+        ctx.save_for_backward(c, u)
+        return _bmm_weighted_sum(c, u)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        c, u = ctx.saved_tensors
+        grad_c = _bmm_agreement(u, grad) if ctx.needs_input_grad[0] else None
+        grad_u = c.unsqueeze(-1) * grad.unsqueeze(1) if ctx.needs_input_grad[1] else None
+        return grad_c, grad_u
+
+
+class _Agreement(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, u: Tensor, v: Tensor) -> Tensor:
+        ctx.save_for_backward(u, v)
+        return _bmm_agreement(u, v)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        u, v = ctx.saved_tensors
+        grad_u = grad.unsqueeze(-1) * v.unsqueeze(1) if ctx.needs_input_grad[0] else None
+        grad_v = _bmm_weighted_sum(grad, u) if ctx.needs_input_grad[1] else None
+        return grad_u, grad_v
+
+
+def _contractions(u: Tensor) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+    """The (weighted sum, agreement) pair for predictions ``u``: eager or capturable."""
+    if in_graph_capture() or is_functorch_wrapped(u) or not torch.is_grad_enabled():
+        return _bmm_weighted_sum, _bmm_agreement
+    return _WeightedSum.apply, _Agreement.apply
