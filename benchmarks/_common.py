@@ -77,6 +77,14 @@ def load_average() -> list[float] | None:
         return None
 
 
+def bf16_class() -> str:
+    """The CPU's bfloat16 class: ``"amx"`` (AMX-BF16), ``"avx512_bf16"`` or ``"none"``."""
+    flags = _cpuinfo()[1]
+    if "amx_bf16" in flags:
+        return "amx"
+    return "avx512_bf16" if "avx512_bf16" in flags else "none"
+
+
 def machine_info(device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
     """CPU model and relevant ISA flags, torch version, threads, date, git commit, load."""
     import torch
@@ -92,6 +100,7 @@ def machine_info(device: str = "cpu", threads: int | None = None) -> dict[str, A
     info: dict[str, Any] = {
         "cpu": model,
         "cpu_flags": isa,
+        "bf16_class": bf16_class(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": affinity,
         "torch": torch.__version__,

@@ -16,10 +16,13 @@ What one training step is, per configuration (all include the data pipeline):
   the calls ``engine.train_one_epoch`` makes. ``-cl`` = channels_last, ``-bf16`` =
   ``torch.autocast(device, torch.bfloat16)``, ``-compile`` = ``torch.compile`` of the model
   (``--compile``), ``-native`` = PrimaryCaps with ``conv_impl="native"`` (torch's
-  convolution; the others use ``"auto"``, which on CPU in float32 outside autocast and compile
-  means per-tap matmuls), ``-whole`` = DigitCaps with ``batch_chunk=None`` (the whole batch
-  routed at once, through the recipe's ``runtime_kwargs``; the others use ``"auto"``, which on
-  CPU routes chunks of 22 examples).
+  convolution; the others use ``"auto"``, which in eager mode on CPU means kernel-row matmuls,
+  in bfloat16 under bf16 autocast where the CPU has bf16 instructions), ``-whole`` = DigitCaps
+  with ``batch_chunk=None`` (the whole batch routed at once, through the recipe's
+  ``runtime_kwargs``; the others use ``"auto"``, which on CPU routes chunks of 22 examples),
+  ``-sysmalloc`` = ``--malloc system`` (glibc's malloc as it is; the others use ``--malloc
+  auto``, which on CPU keeps freed memory for reuse, see ``runtime.keep_freed_memory``; the
+  reference runs with the system malloc).
 - ``reference``: ``benchmarks/reference_capsnet.py``: a DataLoader over a Dataset of uint8
   images with per-sample torchvision transforms (Pad(2) + RandomCrop(28) + ToTensor), the plain
   CapsNet written from the paper, its loss, backward and Adam.
@@ -60,6 +63,7 @@ from _common import (
     Report,
     Setting,
     Spec,
+    bf16_class,
     fmt,
     median,
     release_memory,
@@ -86,6 +90,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "torchcaps-fp32-cl-whole": _config(batch_chunk=None),
     "torchcaps-bf16": _config("bf16", channels_last=False),
     "torchcaps-bf16-cl": _config("bf16"),
+    "torchcaps-bf16-cl-native": _config("bf16", conv_impl="native"),
+    "torchcaps-fp32-cl-sysmalloc": _config(malloc="system"),
+    "torchcaps-bf16-cl-sysmalloc": _config("bf16", malloc="system"),
     "torchcaps-fp32-cl-compile": _config(compile=True),
     "torchcaps-bf16-cl-compile": _config("bf16", compile=True),
 }
@@ -181,6 +188,7 @@ class TorchcapsWorkload(Workload):
             *("--batch-size", str(s.batch_size), "--test-batch-size", str(s.eval_batch_size)),
             *("--amp", cfg["amp"], "--channels-last", "yes" if cfg["channels_last"] else "no"),
             *("--conv-impl", cfg.get("conv_impl", "auto")),
+            *("--malloc", cfg.get("malloc", "auto")),
             *(["--compile"] if cfg["compile"] else []),
         ]
         recipe = mnist_capsnet.RECIPE
@@ -509,7 +517,58 @@ def finish(
             "counted FLOPs per training image (FlopCounterMode, matmul/conv only): "
             + ", ".join(f"{k} {v / 1e9:.3f} G" for k, v in flops_of.items())
         )
-    return Report(notes=notes, extra={"ceiling_gflops": ceil})
+    targets = judge_targets(rows, bf16_class())
+    notes += [
+        f"target ({bf16_class()} CPU): {t['target']}: {t['measured']} ({t['verdict']})"
+        for t in targets
+    ]
+    return Report(notes=notes, extra={"ceiling_gflops": ceil, "targets": targets})
+
+
+# The performance targets per class of CPU (bf16_class() of the machine; GPU runs are judged by
+# bench_gpu.py): minimum ratios against the reference, measured in the same run.
+TRAIN_TARGETS = {"amx": 8.0, "avx512_bf16": 4.0}
+EVAL_TARGETS = {"amx": 10.0}
+FP32_TARGET = 3.0
+FP32, BF16 = "torchcaps-fp32-cl", "torchcaps-bf16-cl"
+
+
+def judge_targets(rows: list[dict[str, Any]], cpu_class: str) -> list[dict[str, str]]:
+    """The targets of ``cpu_class`` that this run measured, each with its verdict."""
+    by = {r["config"]: r for r in rows}
+    out: list[dict[str, str]] = []
+
+    def add(target: str, value: float | None, minimum: float, unit: str = "x") -> None:
+        if value is None:
+            return
+        verdict = "met" if value >= minimum else "not met"
+        out.append({"target": target, "measured": f"{value:.2f}{unit}", "verdict": verdict})
+
+    def ratio(config: str, key: str) -> float | None:
+        return by[config].get(f"{key}_vs_reference") if config in by else None
+
+    add(f"train fp32 >= {FP32_TARGET:g}x reference", ratio(FP32, "train"), FP32_TARGET)
+    if cpu_class in TRAIN_TARGETS:
+        minimum = TRAIN_TARGETS[cpu_class]
+        add(f"train bf16 >= {minimum:g}x reference", ratio(BF16, "train"), minimum)
+    else:  # emulated bf16: it must at least not lose to float32
+        if FP32 in by and BF16 in by:
+            rel = by[BF16]["train_images_per_s"] / by[FP32]["train_images_per_s"]
+            add("train bf16 >= fp32 (emulated bf16)", rel, 1.0)
+    if cpu_class in EVAL_TARGETS:
+        minimum = EVAL_TARGETS[cpu_class]
+        add(f"eval bf16 >= {minimum:g}x reference", ratio(BF16, "eval"), minimum)
+    if FP32 in by and BF16 in by:
+        fp32_mb, bf16_mb = by[FP32].get("train_peak_mb"), by[BF16].get("train_peak_mb")
+        if fp32_mb and bf16_mb:
+            add("train peak memory bf16 <= fp32", fp32_mb / bf16_mb, 1.0, "x (fp32 / bf16)")
+    compiled = [c for c in COMPILE_CONFIGS if c in by]
+    eager = [c for c in by if c.startswith("torchcaps") and c not in COMPILE_CONFIGS]
+    if compiled and eager:
+        best = max(by[c]["train_images_per_s"] for c in eager)
+        fastest = max(by[c]["train_images_per_s"] for c in compiled)
+        add("train --compile >= best eager", fastest / best, 1.0, "x (compiled / eager)")
+    return out
 
 
 def progress(r: dict[str, Any]) -> str:

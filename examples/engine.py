@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from augment import Augment
 from loaders import load_dataset
 from presets import LossFn, Recipe, Task
-from runtime import Dist, pick_device
+from runtime import Dist, keep_freed_memory, pick_device
 from torchcaps.models import CapsuleOutput, get_model
 
 
@@ -336,6 +336,9 @@ class Trainer:
             torch.set_num_threads(args.threads)
         torch.manual_seed(args.seed)
         self.device = pick_device(args.device, args.no_cuda, self.dist)
+        if args.malloc == "keep" or (args.malloc == "auto" and self.device.type == "cpu"):
+            kept = keep_freed_memory()
+            self.log(f"malloc: {'keeps freed memory' if kept else 'unchanged (not glibc)'}")
         if args.amp == "fp16" and self.device.type != "cuda":
             raise SystemExit("--amp fp16 needs a CUDA device (use --amp bf16 on the CPU)")
         if args.batch_size % self.dist.world:

@@ -273,3 +273,15 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1  # the good epoch
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1]
+
+
+@pytest.mark.parametrize(("flag", "applied"), [("auto", True), ("keep", True), ("system", False)])
+def test_malloc_flag(monkeypatch: pytest.MonkeyPatch, flag: str, applied: bool) -> None:
+    # auto on the CPU and keep ask glibc to keep freed memory (runtime.keep_freed_memory,
+    # tested in test_runtime.py); system leaves malloc alone. Spied: the setting is global.
+    calls: list[bool] = []
+    monkeypatch.setattr(engine, "keep_freed_memory", lambda: calls.append(True) or True)
+    said: list[str] = []
+    engine.Trainer(ex.parse_args([*TINY, "--malloc", flag]), ex.RECIPE, log=said.append)
+    assert calls == ([True] if applied else [])
+    assert ("malloc: keeps freed memory" in said) == applied

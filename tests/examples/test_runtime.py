@@ -285,3 +285,48 @@ def test_weights_of_another_model_are_refused(tmp_path: Path, bare_model: CapsNe
         match=re.escape(f"checkpoint {path} does not hold the weights of capsnet_mnist("),
     ):
         runtime.load_model(path)
+
+
+# -- malloc -------------------------------------------------------------------------------------
+_MALLINFO = """
+import ctypes
+import runtime
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+def mmapped_while_holding(size):
+    block = libc.malloc(size)
+    held = libc.mallinfo2().hblkhd
+    libc.free(block)
+    return held
+
+before = mmapped_while_holding(64 << 20)
+kept = runtime.keep_freed_memory()
+after = mmapped_while_holding(64 << 20)
+print(kept, before, after)
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+    reason="glibc's malloc only",
+)
+def test_keep_freed_memory_serves_large_blocks_from_the_heap() -> None:
+    # In a child process: the setting is process-wide. A 64 MB block is mmapped by default
+    # (counted in mallinfo2's hblkhd) and comes from the reusable heap afterwards.
+    out = subprocess.run(
+        [sys.executable, "-c", _MALLINFO], env=examples_env(), capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    kept, before, after = out.stdout.split()
+    assert kept == "True"
+    assert int(before) >= 64 << 20
+    assert int(after) < 64 << 20
