@@ -142,36 +142,74 @@ def test_gradcheck_through_all_rounds() -> None:
     )
 
 
-@pytest.mark.parametrize("which", ["weighted_sum", "agreement"])
-def test_contraction_backward_matches_einsum(which: str) -> None:
-    # The eager contractions' own backward (broadcast products in place of bmm's outer
-    # products), against einsum written from the definitions, first and second order.
-    g = torch.Generator().manual_seed(5)
-    u = torch.randn(4, 7, 3, dtype=torch.float64, generator=g).requires_grad_()
-    if which == "weighted_sum":
-        c = torch.randn(4, 7, dtype=torch.float64, generator=g).requires_grad_()
-        args, fn = (c, u), dynamic._WeightedSum.apply
-        expected = torch.einsum("mn,mnd->md", c, u)
+@pytest.mark.parametrize("iterations", [1, 2, 3, 4])
+@pytest.mark.parametrize("prior", [False, True], ids=["no-prior", "prior"])
+@pytest.mark.parametrize("stop_gradient", [False, True], ids=["grad", "stop-grad"])
+def test_hand_written_backward_matches_autograd(
+    iterations: int, prior: bool, stop_gradient: bool
+) -> None:
+    # The eager path's one-pass backward (_RoutingRounds) against autograd through the same
+    # rounds (_rounds), for the capsules and the returned coupling, in float64.
+    routing = DynamicRouting(
+        iterations,
+        stop_gradient=stop_gradient,
+        learned_prior=(6, 3) if prior else None,
+        dtype=torch.float64,
+    )
+    if prior:
+        with torch.no_grad():
+            routing.log_prior.normal_(generator=torch.Generator().manual_seed(1))
+    u = _u((2, 6, 3, 4), seed=7).requires_grad_(True)
+    params = [u, *routing.parameters()]
+    x = u.transpose(1, 2).contiguous()
+    log_prior = None if routing.log_prior is None else routing.log_prior.t()
+    options = (iterations, routing.eps, stop_gradient)
+    got_v, got_c = dynamic._RoutingRounds.apply(x, log_prior, *options)
+    ref_v, ref_c = dynamic._rounds(x, log_prior, *options)
+    torch.testing.assert_close(got_v, ref_v, atol=1e-12, rtol=1e-12)
+    g = torch.Generator().manual_seed(2)
+    wv = torch.randn(got_v.shape, generator=g, dtype=torch.float64)
+    if ref_c is None:
+        assert got_c is None
+        outs, refs, ws = [got_v], [ref_v], [wv]
     else:
-        v = torch.randn(4, 3, dtype=torch.float64, generator=g).requires_grad_()
-        args, fn = (u, v), dynamic._Agreement.apply
-        expected = torch.einsum("mnd,md->mn", u, v)
-    got = fn(*args)
-    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
-    w = torch.randn_like(got)
-    for a, b in zip(torch.autograd.grad(got, args, w), torch.autograd.grad(expected, args, w)):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
-    assert gradcheck(fn, args)
-    assert gradgradcheck(fn, args)
+        wc = torch.randn(got_c.shape, generator=g, dtype=torch.float64)
+        outs, refs, ws = [got_v, got_c], [ref_v, ref_c], [wv, wc]
+    got = torch.autograd.grad(outs, params, ws, allow_unused=True)
+    live = [(r, w) for r, w in zip(refs, ws, strict=True) if r.requires_grad]  # stop_gradient
+    expected = torch.autograd.grad(
+        [r for r, _ in live], params, [w for _, w in live], allow_unused=True
+    )
+    for a, b in zip(got, expected, strict=True):
+        if b is None:
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
-def test_eager_and_captured_contractions_agree() -> None:
+def test_hand_written_backward_gradcheck_and_double_backward() -> None:
+    u = _u((2, 5, 3, 4), seed=8).requires_grad_(True)  # (B, N_out, N_in, D)
+    prior = (_u((5, 3), seed=9) * 0.5).requires_grad_(True)  # (N_out, N_in) of u
+    # (stop_gradient=True is not the derivative of the forward by design; it is compared
+    # with autograd's stopped gradient above.)
+
+    def fn(x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        v, c = dynamic._RoutingRounds.apply(x, p, 3, 1e-8, False)
+        return v, c
+
+    assert gradcheck(fn, (u, prior))
+    assert gradgradcheck(fn, (u, prior))
+
+
+def test_eager_and_captured_routing_agree() -> None:
     u = _u((3, 9, 4, 5), seed=6).requires_grad_(True)
     routing = DynamicRouting(3)
     (g_eager,) = torch.autograd.grad(routing(u).pow(2).sum(), u)
-    assert dynamic._contractions(u)[0] == dynamic._WeightedSum.apply
+    x = u.transpose(1, 2).contiguous()
+    assert dynamic._fused_backward_pays(x, None)
     with torch.no_grad():
-        assert dynamic._contractions(u)[0] is dynamic._bmm_weighted_sum
+        assert not dynamic._fused_backward_pays(x, None)
+    assert not dynamic._fused_backward_pays(x.detach(), None)
     traced = torch.jit.trace(routing, (u,), check_trace=False)
     (g_traced,) = torch.autograd.grad(traced(u).pow(2).sum(), u)
     torch.testing.assert_close(g_eager, g_traced, atol=1e-12, rtol=1e-10)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -132,79 +131,196 @@ class DynamicRouting(Routing):
         return v.to(u_hat.dtype), c.transpose(1, 2).to(u_hat.dtype)
 
     def _route(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        batch, n_out, n_in, dim = u.shape
-        # Flatten (B, N_out) into one batch dimension: both contractions become torch.bmm
-        # calls on views, with no broadcast/expand in the autograd graph.
-        u3 = u.view(batch * n_out, n_in, dim)
-        u3_inner = u3.detach() if self.stop_gradient else u3
-        weighted_sum, agreement_of = _contractions(u3)
-        b: Tensor | None = None  # routing logits, laid out (B, N_out, N_in)
-        if self.log_prior is not None:
-            prior = self.log_prior.to(u.dtype).t()  # (N_out, N_in)
-            b = prior.unsqueeze(0).expand(batch, n_out, n_in)
-        c: Tensor | None = None
-        v = u.new_empty(0)
-        for r in range(self.iterations):
-            last = r == self.iterations - 1
-            uu = u3 if last else u3_inner
-            if b is None:
-                c = None  # uniform coupling 1 / N_out: a scaled sum over the children
-                s = uu.sum(dim=1) * (1.0 / n_out)  # (B*N_out, D)
-            else:
-                c = torch.softmax(b, dim=1)  # over the parents j
-                s = weighted_sum(c.reshape(batch * n_out, n_in), uu)
-            v = squash(s, dim=-1, eps=self.eps)
-            if not last:
-                agreement = agreement_of(uu, v).view(batch, n_out, n_in)
-                b = agreement if b is None else b + agreement
+        prior = None if self.log_prior is None else self.log_prior.to(u.dtype).t()
+        args = (self.iterations, self.eps, self.stop_gradient)
+        if _fused_backward_pays(u, prior):
+            v, c = _RoutingRounds.apply(u, prior, *args)
+        else:
+            v, c = _rounds(u, prior, *args)
         if c is None:
-            c = u.new_full((batch, n_out, n_in), 1.0 / n_out)
-        return v.view(batch, n_out, dim), c
+            c = u.new_full(u.shape[:3], 1.0 / u.shape[1])
+        return v, c
 
 
-# The two contractions of a round, on (M, N, D) predictions u: s = sum_i c_i u_i (c (M, N)) and
-# a_i = <u_i, v> (v (M, D)). Both are batched matrix-vector products; torch.bmm's backward
-# computes their gradient for u as M outer products (K = 1 matmuls, several times slower than
-# the memory traffic they need), so the eager path has its own backward with a broadcast
-# product instead. Graph capture and functorch transforms get the plain bmm.
-def _bmm_weighted_sum(c: Tensor, u: Tensor) -> Tensor:
+def _weighted_sum(c: Tensor, u: Tensor) -> Tensor:
+    """``s[m] = sum_i c[m, i] u[m, i]``: c (M, N), u (M, N, D) -> (M, D)."""
     return torch.bmm(c.unsqueeze(1), u).squeeze(1)
 
 
-def _bmm_agreement(u: Tensor, v: Tensor) -> Tensor:
-    return torch.bmm(u, v.unsqueeze(-1)).squeeze(-1)
+def _agreement(u: Tensor, v: Tensor) -> Tensor:
+    """``a[m, i] = <u[m, i], v[m]>``: u (M, N, D), v (M, D) -> (M, N)."""
+    # (M, 1, D) @ (M, D, N): 4.6x faster on CPU than (M, N, D) @ (M, D, 1) for the paper's
+    # DigitCaps chunks (N = 1152, D = 16), same values up to rounding.
+    return torch.bmm(v.unsqueeze(1), u.transpose(1, 2)).squeeze(1)
 
 
-class _WeightedSum(torch.autograd.Function):
+def _rounds(
+    u: Tensor, prior: Tensor | None, iterations: int, eps: float, stop_gradient: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Procedure 1 on ``u`` (B, N_out, N_in, D) with logits starting at ``prior`` (N_out, N_in).
+
+    Returns v (B, N_out, D) and the last round's coupling (B, N_out, N_in), ``None`` when it
+    is uniform (one round, no prior). Differentiable by autograd.
+    """
+    batch, n_out, n_in, dim = u.shape
+    # Flatten (B, N_out) into one batch dimension: both contractions become torch.bmm calls
+    # on views, with no broadcast/expand in the autograd graph.
+    u3 = u.view(batch * n_out, n_in, dim)
+    u3_inner = u3.detach() if stop_gradient else u3
+    b = None if prior is None else prior.unsqueeze(0).expand(batch, n_out, n_in)
+    c: Tensor | None = None
+    v = u.new_empty(0)
+    for r in range(iterations):
+        last = r == iterations - 1
+        uu = u3 if last else u3_inner
+        if b is None:
+            c = None  # uniform coupling 1 / N_out: a scaled sum over the children
+            s = uu.sum(dim=1) * (1.0 / n_out)  # (B*N_out, D)
+        else:
+            c = torch.softmax(b, dim=1)  # over the parents j
+            s = _weighted_sum(c.reshape(batch * n_out, n_in), uu)
+        v = squash(s, dim=-1, eps=eps)
+        if not last:
+            agreement = _agreement(uu, v).view(batch, n_out, n_in)
+            b = agreement if b is None else b + agreement
+    return v.view(batch, n_out, dim), c
+
+
+def _fused_backward_pays(u: Tensor, prior: Tensor | None) -> bool:
+    """Whether to route through :class:`_RoutingRounds` (eager code that will be differentiated)."""
+    needs_grad = u.requires_grad or (prior is not None and prior.requires_grad)
+    return (
+        needs_grad
+        and torch.is_grad_enabled()
+        and not in_graph_capture()
+        and not is_functorch_wrapped(u)
+        and not (prior is not None and is_functorch_wrapped(prior))
+    )
+
+
+class _RoutingRounds(torch.autograd.Function):
+    """:func:`_rounds` with one hand-written backward pass.
+
+    Autograd's backward of the rounds writes one gradient tensor of the size of ``u`` per
+    contraction (each as B * N_out outer products) and adds them up. Here the gradient of
+    every round's weighted sum and agreement is first reduced to a coefficient per child and
+    a vector per parent, and ``grad_u`` is written once, as one batched product of depth
+    ``2 * iterations - 1``. A double backward (``create_graph=True``) differentiates
+    :func:`_rounds` instead, so higher-order gradients stay exact.
+    """
+
     @staticmethod
-    def forward(ctx: Any, c: Tensor, u: Tensor) -> Tensor:
-        ctx.save_for_backward(c, u)
-        return _bmm_weighted_sum(c, u)
+    def forward(
+        ctx: Any,
+        u: Tensor,
+        prior: Tensor | None,
+        iterations: int,
+        eps: float,
+        stop_gradient: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        batch, n_out, n_in, dim = u.shape
+        u3 = u.view(batch * n_out, n_in, dim)
+        b = None if prior is None else prior.unsqueeze(0).expand(batch, n_out, n_in)
+        cs: list[Tensor | None] = []
+        ss: list[Tensor] = []
+        vs: list[Tensor] = []
+        for r in range(iterations):
+            c = None if b is None else torch.softmax(b, dim=1)
+            s = u3.sum(dim=1) * (1.0 / n_out) if c is None else _weighted_sum(c.view(-1, n_in), u3)
+            v = squash(s, dim=-1, eps=eps)
+            cs.append(c)
+            ss.append(s)
+            vs.append(v)
+            if r < iterations - 1:
+                agreement = _agreement(u3, v).view(batch, n_out, n_in)
+                b = agreement if b is None else b + agreement
+        ctx.set_materialize_grads(False)
+        ctx.uniform_first = cs[0] is None
+        couplings = [c for c in cs if c is not None]
+        ctx.save_for_backward(u, prior, *couplings, *ss, *vs)
+        ctx.options = (iterations, eps, stop_gradient)
+        return vs[-1].view(batch, n_out, dim), cs[-1]
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        c, u = ctx.saved_tensors
-        grad_c = _bmm_agreement(u, grad) if ctx.needs_input_grad[0] else None
-        grad_u = c.unsqueeze(-1) * grad.unsqueeze(1) if ctx.needs_input_grad[1] else None
-        return grad_c, grad_u
+    def backward(
+        ctx: Any, grad_v: Tensor | None, grad_c: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        iterations, eps, stop_gradient = ctx.options
+        u, prior, *rest = ctx.saved_tensors
+        nones = (None, None, None)
+        if grad_v is None and grad_c is None:
+            return (None, None, *nones)
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain rounds
+            return _double_backward(u, prior, ctx.options, grad_v, grad_c) + nones
+        batch, n_out, n_in, dim = u.shape
+        k = iterations - int(ctx.uniform_first)
+        cs: list[Tensor | None] = [None] * int(ctx.uniform_first) + rest[:k]
+        ss, vs = rest[k : k + iterations], rest[k + iterations :]
+        u3 = u.view(batch * n_out, n_in, dim)
+        # grad_u = sum over the terms of (coefficient per child) x (vector per parent).
+        child_terms: list[Tensor] = []
+        parent_terms: list[Tensor] = []
+        grad_b: Tensor | None = None  # total gradient of the next round's logits
+        gv = (
+            grad_v.reshape(batch * n_out, dim)
+            if grad_v is not None
+            else u.new_zeros(batch * n_out, dim)
+        )
+        for r in reversed(range(iterations)):
+            last = r == iterations - 1
+            inner_grad = last or not stop_gradient
+            if not last:
+                # b_{r+1} = b_r + a_r with a_r = <u, v_r>: a_r's gradient is grad_b.
+                if grad_b is None:
+                    gv = u.new_zeros(batch * n_out, dim)
+                else:
+                    ga = grad_b.reshape(batch * n_out, n_in)
+                    if inner_grad:
+                        child_terms.append(ga)
+                        parent_terms.append(vs[r])
+                    gv = _weighted_sum(ga, u3)
+            with torch.enable_grad():
+                s = ss[r].detach().requires_grad_()
+                (gs,) = torch.autograd.grad(squash(s, dim=-1, eps=eps), s, gv)
+            c = cs[r]
+            if inner_grad:
+                child_terms.append(
+                    c.reshape(batch * n_out, n_in)
+                    if c is not None
+                    else u.new_full((batch * n_out, n_in), 1.0 / n_out)
+                )
+                parent_terms.append(gs)
+            if c is not None:
+                gc = _agreement(u3, gs).view(batch, n_out, n_in)
+                if last and grad_c is not None:
+                    gc = gc + grad_c
+                gb = c * (gc - (c * gc).sum(dim=1, keepdim=True))  # softmax over the parents
+                grad_b = gb if grad_b is None else gb + grad_b
+        grad_u = grad_prior = None
+        if ctx.needs_input_grad[0]:
+            coeff = torch.stack(child_terms, dim=-1)  # (B*N_out, N_in, K)
+            vecs = torch.stack(parent_terms, dim=1)  # (B*N_out, K, D)
+            grad_u = torch.bmm(coeff, vecs).view(batch, n_out, n_in, dim)
+        if ctx.needs_input_grad[1] and grad_b is not None:
+            grad_prior = grad_b.sum(dim=0)
+        return (grad_u, grad_prior, *nones)
 
 
-class _Agreement(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, u: Tensor, v: Tensor) -> Tensor:
-        ctx.save_for_backward(u, v)
-        return _bmm_agreement(u, v)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        u, v = ctx.saved_tensors
-        grad_u = grad.unsqueeze(-1) * v.unsqueeze(1) if ctx.needs_input_grad[0] else None
-        grad_v = _bmm_weighted_sum(grad, u) if ctx.needs_input_grad[1] else None
-        return grad_u, grad_v
-
-
-def _contractions(u: Tensor) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
-    """The (weighted sum, agreement) pair for predictions ``u``: eager or capturable."""
-    if in_graph_capture() or is_functorch_wrapped(u) or not torch.is_grad_enabled():
-        return _bmm_weighted_sum, _bmm_agreement
-    return _WeightedSum.apply, _Agreement.apply
+def _double_backward(
+    u: Tensor,
+    prior: Tensor | None,
+    options: tuple[int, float, bool],
+    grad_v: Tensor | None,
+    grad_c: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None]:
+    inputs = [t for t in (u, prior) if t is not None and t.requires_grad]
+    with torch.enable_grad():
+        v, c = _rounds(u, prior, *options)
+        outs = [v] + ([c] if c is not None and grad_c is not None else [])
+        grads = [grad_v if grad_v is not None else torch.zeros_like(v)]
+        if len(outs) == 2:
+            grads.append(grad_c)
+        got = iter(torch.autograd.grad(outs, inputs, grads, create_graph=True, allow_unused=True))
+    return tuple(  # type: ignore[return-value]
+        next(got) if t is not None and t.requires_grad else None for t in (u, prior)
+    )
