@@ -64,6 +64,35 @@ def train_batches(
         yield perm[start + rank * per_rank : start + (rank + 1) * per_rank]
 
 
+def precision_summary(model: nn.Module, amp: str, device: torch.device) -> str:
+    """Which precision each part of ``model`` computes in under ``--amp amp`` on ``device``."""
+    from torchcaps import Conv2dCaps
+    from torchcaps.layers._tap_matmul import MIN_CHANNELS, MIN_TAPS, cpu_has_bf16_instructions
+
+    if amp == "none":
+        return "precision: float32 throughout"
+    parts = [f"precision: --amp {amp}: convolutions and linear layers in {amp} autocast"]
+    wide = [
+        m
+        for m in model.modules()
+        if isinstance(m, Conv2dCaps)
+        and m.conv_impl == "auto"
+        and m.groups == 1
+        and min(m.conv.in_channels, m.conv.out_channels) >= MIN_CHANNELS
+        and m.kernel_size[0] * m.kernel_size[1] >= MIN_TAPS
+    ]
+    if wide and device.type == "cpu" and amp == "bf16":
+        if cpu_has_bf16_instructions():
+            parts.append("wide Conv2dCaps as bfloat16 tap products with float32 sums")
+        else:
+            parts.append(
+                "wide Conv2dCaps in float32 (this CPU has no bf16 instructions: bf16 would be "
+                "emulated, slower than float32)"
+            )
+    parts.append("routing, squash and losses in float32")
+    return "; ".join(parts)
+
+
 def autocast_context(amp: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """``torch.autocast`` for ``--amp bf16``/``fp16``; nothing for ``none``."""
     if amp == "none":

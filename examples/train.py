@@ -29,7 +29,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
 
-from engine import NonFiniteLossError, Trainer
+from engine import NonFiniteLossError, Trainer, precision_summary
 from loaders import DATA_DIR_HELP, DataError
 from presets import Recipe, add_flag
 from runtime import (
@@ -339,6 +339,7 @@ def _run(
         f"({device_name}); data: {trainer.data_source}; {trainer.train_images.shape[0]} train / "
         f"{trainer.test_images.shape[0]} test images"
     )
+    log(precision_summary(trainer.model, args.amp, trainer.device))
     progress = sys.stderr.isatty() and not args.quiet and dist_info.main
     history = []
     while trainer.epoch < args.epochs:

@@ -116,3 +116,26 @@ def test_train_batches_shard_each_global_batch() -> None:
         shards = list(engine.train_batches(10, 4, torch.Generator().manual_seed(3), rank, 2))
         for shard, batch in zip(shards, whole, strict=True):
             assert torch.equal(shard, batch[rank * 2 : (rank + 1) * 2])
+
+
+@pytest.mark.parametrize("bf16_instructions", [True, False])
+def test_precision_summary_says_what_runs_in_which_precision(
+    monkeypatch: pytest.MonkeyPatch, bf16_instructions: bool
+) -> None:
+    import torchcaps.layers._tap_matmul as tap_matmul
+    from torchcaps.models import get_model
+
+    monkeypatch.setattr(tap_matmul, "cpu_has_bf16_instructions", lambda: bf16_instructions)
+    model = get_model("capsnet_mnist")
+    cpu = torch.device("cpu")
+    assert engine.precision_summary(model, "none", cpu) == "precision: float32 throughout"
+    said = engine.precision_summary(model, "bf16", cpu)
+    assert said.startswith("precision: --amp bf16: convolutions and linear layers in bf16")
+    assert said.endswith("routing, squash and losses in float32")
+    wide = "wide Conv2dCaps as bfloat16 tap products with float32 sums"
+    assert (wide in said) == bf16_instructions
+    assert ("wide Conv2dCaps in float32" in said) == (not bf16_instructions)
+    # A model without a wide convolution (Efficient-CapsNet's is depthwise) says nothing of it.
+    assert "Conv2dCaps" not in engine.precision_summary(
+        get_model("efficient_capsnet_mnist"), "bf16", cpu
+    )

@@ -2,23 +2,25 @@
 
 For a kernel of ``KH x KW`` taps the convolution is the sum over taps ``(ky, kx)`` of a
 ``(B*H'*W', C) @ (C, O)`` product between the input pixels under that tap (a strided window
-of the channels-last input) and the tap's weight slice. The forward and weight-gradient passes
-group the ``KW`` taps of one kernel row into one product of depth ``KW * C`` (one copy of the
-row's windows, one large GEMM); the input gradient scatters one product per kernel row back
-onto the taps' windows. With wide layers (the paper's PrimaryCaps: 256 -> 256 channels, 9x9,
+of the channels-last input) and the tap's weight slice; the input and weight gradients are
+products of the same windows. In half precision the ``KW`` taps of one kernel row are grouped
+into one product of depth ``KW * C`` (one copy of the row's windows, one larger GEMM; the input
+gradient's product is split back onto the taps' windows); in float32 each tap is its own
+product (:func:`_tap_group`). With wide layers (the paper's PrimaryCaps: 256 -> 256 channels, 9x9,
 stride 2) these are large, cache-friendly GEMMs, faster than oneDNN's direct convolution on the
 CPUs measured in docs/performance.md.
 
 The products run in a *compute* dtype, float32 or bfloat16: in bfloat16 each product
-accumulates in float32 inside the GEMM, is rounded once to bfloat16, and the products of the
-kernel rows (and of the taps, for the input gradient) are summed in float32, so the result
-and the gradients are float32. A double backward (``create_graph=True``) is computed through
-:func:`torch.nn.functional.conv2d` so higher-order gradients stay exact.
+accumulates in float32 inside the GEMM and is rounded once to bfloat16, and the products are
+summed in float32, so the result and the gradients are float32. A double backward
+(``create_graph=True``) is computed through :func:`torch.nn.functional.conv2d` so higher-order
+gradients stay exact.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -82,6 +84,7 @@ class _TapMatmulConv2d(torch.autograd.Function):
         h_out = (xn.shape[1] - kh) // stride[0] + 1
         w_out = (xn.shape[2] - kw) // stride[1] + 1
         taps = _taps(weight, compute).view(kh, kw * c, o)
+        group = _tap_group(compute, kw)
         out = torch.empty(b * h_out * w_out, o, dtype=acc, device=x.device)
         if bias is not None:
             out.copy_(bias.expand_as(out))
@@ -90,8 +93,8 @@ class _TapMatmulConv2d(torch.autograd.Function):
         scratch = _Scratch()
         for rows, xs in _batch_chunks(xn, h_out * w_out):
             out_rows = out[rows]
-            for ky, cols in _row_columns(xs, kh, kw, h_out, w_out, stride, scratch):
-                _add_product(out_rows, cols, taps[ky], scratch)
+            for ky, taps_, cols in _tap_columns(xs, kh, kw, h_out, w_out, stride, scratch, group):
+                _add_product(out_rows, cols, taps[ky, taps_], scratch)
         ctx.save_for_backward(x, weight, bias)
         ctx.stride, ctx.padding, ctx.compute = stride, padding, compute
         return out.view(b, h_out, w_out, o).permute(0, 3, 1, 2)
@@ -121,6 +124,7 @@ class _TapMatmulConv2d(torch.autograd.Function):
         g = grad.permute(0, 2, 3, 1).reshape(b * h_out * w_out, o)
         g_acc = g.to(acc)
         g = g.to(compute)
+        group = _tap_group(compute, kw)
         grad_x = grad_w = grad_b = None
         if need_x:
             taps = _taps(weight, compute).view(kh, kw * c, o)
@@ -130,13 +134,14 @@ class _TapMatmulConv2d(torch.autograd.Function):
             scratch = _Scratch()
             for rows, gs in _batch_chunks(gxn, h_out * w_out):
                 g_rows = g[rows]
-                for ky in range(kh):
-                    # (rows, KW * C): the row's taps in one product, then each tap's part is
+                for ky, kx0 in itertools.product(range(kh), range(0, kw, group)):
+                    # (rows, G * C): a group of taps in one product, then each tap's part is
                     # added to its own window (the taps' windows overlap, so one at a time).
-                    cols = scratch.product(g_rows, taps[ky].t(), acc)
-                    cols = cols.view(-1, h_out, w_out, kw, c)
-                    for kx, window in _tap_windows(gs, ky, kw, h_out, w_out, stride):
-                        window += cols[:, :, :, kx]
+                    n = min(group, kw - kx0)
+                    cols = scratch.product(g_rows, taps[ky, _span(kx0, n, c)].t(), acc)
+                    cols = cols.view(-1, h_out, w_out, n, c)
+                    for kx, window in _tap_windows(gs, ky, kx0, n, h_out, w_out, stride):
+                        window += cols[:, :, :, kx - kx0]
             gxn = gxn[:, padding[0] : padding[0] + h, padding[1] : padding[1] + w]
             grad_x = gxn.permute(0, 3, 1, 2)
         if need_w:
@@ -145,8 +150,10 @@ class _TapMatmulConv2d(torch.autograd.Function):
             scratch = _Scratch()
             for rows, xs in _batch_chunks(xn, h_out * w_out):
                 g_rows = g[rows]
-                for ky, cols in _row_columns(xs, kh, kw, h_out, w_out, stride, scratch):
-                    _add_product(gtaps[ky], cols.t(), g_rows, scratch)
+                for ky, taps_, cols in _tap_columns(
+                    xs, kh, kw, h_out, w_out, stride, scratch, group
+                ):
+                    _add_product(gtaps[ky, taps_], cols.t(), g_rows, scratch)
             grad_w = gtaps.view(kh, kw, c, o).permute(3, 2, 0, 1)
         if need_b:
             grad_b = g_acc.sum(0)
@@ -203,7 +210,22 @@ def _batch_chunks(xn: Tensor, positions: int) -> Iterator[tuple[slice, Tensor]]:
         yield slice(start * positions, stop * positions), xn[start:stop]
 
 
-def _row_columns(
+def _tap_group(compute: torch.dtype, kw: int) -> int:
+    """Taps of a kernel row per product: all ``kw`` in half precision, one in float32.
+
+    In bfloat16 one product of depth ``kw * C`` per row beat one per tap (measured on an
+    AVX512-BF16 CPU, docs/performance.md); in float32 the per-tap products were the ones
+    measured faster than oneDNN on the Xeon the rule was tuned on, and row groups were not.
+    """
+    return kw if compute in _LOW_PRECISION else 1
+
+
+def _span(kx0: int, n: int, c: int) -> slice:
+    """The rows of a (KW * C, O) row of taps that hold taps ``kx0 .. kx0 + n - 1``."""
+    return slice(kx0 * c, (kx0 + n) * c)
+
+
+def _tap_columns(
     xn: Tensor,
     kh: int,
     kw: int,
@@ -211,29 +233,33 @@ def _row_columns(
     w_out: int,
     stride: tuple[int, int],
     scratch: _Scratch,
-) -> Iterator[tuple[int, Tensor]]:
-    """Yield ``(ky, cols)``: kernel row ``ky``'s windows as a (B * H' * W', KW * C) matrix.
+    group: int,
+) -> Iterator[tuple[int, slice, Tensor]]:
+    """Yield ``(ky, span, cols)`` for each group of ``group`` neighbouring taps of a row.
 
-    ``xn`` is (B, H, W, C) with contiguous rows. The rows' windows overlap (neighbouring taps
-    share pixels), so each is copied into ``cols``, a buffer reused for every row.
+    ``cols`` is the (B * H' * W', n * C) matrix of the group's windows side by side and ``span``
+    the group's rows of the (KW * C, O) tap matrix of row ``ky``. ``xn`` is (B, H, W, C) with
+    contiguous rows. Neighbouring taps' windows overlap (they share pixels), so each group is
+    copied into a buffer reused for every group.
     """
     sb, sh, sw, sc = xn.stride()
     b, c = xn.shape[0], xn.shape[3]
-    size = (b, h_out, w_out, kw, c)
-    strides = (sb, sh * stride[0], sw * stride[1], sw, sc)
-    cols = scratch.buffer("cols", size, xn, xn.dtype)
-    for ky in range(kh):
-        cols.copy_(xn.as_strided(size, strides, xn.storage_offset() + ky * sh))
-        yield ky, cols.view(b * h_out * w_out, kw * c)
+    for ky, kx0 in itertools.product(range(kh), range(0, kw, group)):
+        n = min(group, kw - kx0)
+        size = (b, h_out, w_out, n, c)
+        strides = (sb, sh * stride[0], sw * stride[1], sw, sc)
+        cols = scratch.buffer("cols", size, xn, xn.dtype)
+        cols.copy_(xn.as_strided(size, strides, xn.storage_offset() + ky * sh + kx0 * sw))
+        yield ky, _span(kx0, n, c), cols.view(b * h_out * w_out, n * c)
 
 
 def _tap_windows(
-    xn: Tensor, ky: int, kw: int, h_out: int, w_out: int, stride: tuple[int, int]
+    xn: Tensor, ky: int, kx0: int, n: int, h_out: int, w_out: int, stride: tuple[int, int]
 ) -> Iterator[tuple[int, Tensor]]:
-    """Yield ``(kx, view)``: the (B, H', W', C) window of ``xn`` under tap ``(ky, kx)``."""
+    """Yield ``(kx, view)``: the (B, H', W', C) window of ``xn`` under taps ``(ky, kx0 + i)``."""
     span_h = stride[0] * (h_out - 1) + 1
     span_w = stride[1] * (w_out - 1) + 1
-    for kx in range(kw):
+    for kx in range(kx0, kx0 + n):
         yield kx, xn[:, ky : ky + span_h : stride[0], kx : kx + span_w : stride[1], :]
 
 
