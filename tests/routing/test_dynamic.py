@@ -396,3 +396,22 @@ def test_fuzz_dynamic_routing(data: st.DataObject) -> None:
     if grad and v.numel():
         (g,) = torch.autograd.grad(v.sum(), u)
         assert finite(g), "DynamicRouting: non-finite gradient for finite input"
+
+
+@pytest.mark.parametrize("stop_gradient", [False, True], ids=["grad", "stop-grad"])
+def test_hand_written_backward_second_order_matches_autograd(stop_gradient: bool) -> None:
+    # create_graph=True differentiates the plain rounds: the same second derivatives.
+    u = _u((2, 4, 5, 3), seed=10).requires_grad_(True)  # (B, N_out, N_in, D)
+    prior = (_u((4, 5), seed=11) * 0.5).requires_grad_(True)
+    w = _u((2, 4, 3), seed=12)
+
+    def second_order(fn) -> tuple[torch.Tensor, ...]:
+        v, c = fn(u, prior, 3, 1e-8, stop_gradient)
+        loss = (v * w).sum() + c.pow(2).sum() if c.requires_grad else (v * w).sum()
+        gu, gp = torch.autograd.grad(loss, (u, prior), create_graph=True)
+        return torch.autograd.grad(gu.pow(2).sum() + gp.pow(2).sum(), (u, prior))
+
+    got = second_order(dynamic._RoutingRounds.apply)
+    expected = second_order(dynamic._rounds)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)

@@ -316,11 +316,11 @@ def _double_backward(
     inputs = [t for t in (u, prior) if t is not None and t.requires_grad]
     with torch.enable_grad():
         v, c = _rounds(u, prior, *options)
-        outs = [v] + ([c] if c is not None and grad_c is not None else [])
-        grads = [grad_v if grad_v is not None else torch.zeros_like(v)]
-        if len(outs) == 2:
+        outs, grads = [v], [grad_v if grad_v is not None else torch.zeros_like(v)]
+        if c is not None and c.requires_grad and grad_c is not None:
+            outs.append(c)
             grads.append(grad_c)
         got = iter(torch.autograd.grad(outs, inputs, grads, create_graph=True, allow_unused=True))
-    return tuple(  # type: ignore[return-value]
-        next(got) if t is not None and t.requires_grad else None for t in (u, prior)
-    )
+    grad_u = next(got) if u.requires_grad else None
+    grad_prior = next(got) if prior is not None and prior.requires_grad else None
+    return grad_u, grad_prior
