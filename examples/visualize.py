@@ -27,10 +27,17 @@ coupling.png         coupling coefficients c (1152 x 10) of one input:  1100 x 7
                      positions; the input and the capsule lengths
 curves.png           test accuracy and train/test loss per epoch from   1000 x 400
                      ``metrics.jsonl``
+multimnist.png       Figure 5, for a checkpoint of                      as reconstructions.png
+                     ``multimnist_capsnet.py``: MultiMNIST test pairs
+                     above the two digits reconstructed from their own
+                     capsules (red: first, green: second); wrong pairs
+                     framed in red
 ==================== ================================================== ======================
 
-Options: ``--figures`` selects a subset (space or comma separated; default all four);
-``--num-digits N`` / ``--columns N`` / ``--prefer-misclassified`` shape reconstructions.png (the
+Options: ``--figures`` selects a subset (space or comma separated; default all that the
+checkpoint's model can draw: the first four for an MNIST model, multimnist.png and curves.png
+for ``capsnet_multimnist``); ``--num-digits N`` / ``--columns N`` shape reconstructions.png and
+multimnist.png; ``--prefer-misclassified`` shapes reconstructions.png (the
 last reserves up to half of the grid for the first misclassified digits); ``--digit K`` draws
 perturbations.png for class K only (default: one panel per class, each from the first correctly
 classified test digit of that class); ``--index I`` picks the input of coupling.png;
@@ -45,7 +52,9 @@ The test digits come from the full MNIST test set (``--data-dir DIR``, torchvisi
 training example's own loaders. A model trained with ``--no-reconstruction`` has no decoder: its
 reconstruction figures are skipped with a message. The plotting functions
 (:func:`plot_reconstructions`, :func:`plot_perturbations`, :func:`plot_coupling`,
-:func:`plot_curves`) can be called directly on any ``CapsNet`` of the example.
+:func:`plot_curves`, :func:`plot_multimnist`) can be called directly on any ``CapsNet`` of the
+examples. The MultiMNIST pairs are the example's fixed test pairs (``MultiMNIST`` with seed 0
+over the test digits), the first ``--num-digits``.
 """
 
 from __future__ import annotations
@@ -74,9 +83,13 @@ from torch import Tensor, nn
 import loaders
 import runtime
 from engine import to_input
+from torchcaps.datasets import MultiMNIST
 
 DPI = 100  # 1 inch = 100 pixels; every layout below is given in pixels.
-FIGURES = ("reconstructions", "perturbations", "coupling", "curves")
+FIGURES = ("reconstructions", "perturbations", "coupling", "curves", "multimnist")
+# The figures of a single-digit (MNIST) model; a MultiMNIST one draws "multimnist" instead.
+MNIST_FIGURES = ("reconstructions", "perturbations", "coupling")
+MULTIMNIST_MODEL = "capsnet_multimnist"
 # Figure 4 of the paper: each dimension shifted by -0.25, -0.20, ..., 0.25 (11 values).
 PERTURBATIONS = tuple(round(-0.25 + 0.05 * k, 2) for k in range(11))
 COUPLING_SIZE = (1100, 740)
@@ -382,6 +395,90 @@ def plot_reconstructions(
                     color=WRONG if wrong else "black",
                     weight="bold" if wrong else "normal",
                 )
+    return canvas.save(path)
+
+
+def plot_multimnist(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    path: str | Path,
+    *,
+    columns: int = 8,
+    device: Any = None,
+) -> Path:
+    """Figure 5 of the paper: overlapping digit pairs and each digit rebuilt from its capsule.
+
+    For each MultiMNIST image the two longest capsules are the prediction, and the decoder
+    reconstructs each of the two digits from its own capsule (``model.decoder(capsules,
+    classes)`` with the two classes). Top: the input; below: the two reconstructions overlaid,
+    the first in red, the second in green (yellow where they overlap). The title "L:(a,b)
+    R:(p,q)" gives the true labels and the pair reconstructed; pairs whose predicted set differs
+    from the true one are framed and titled in red. Same layout and pixel size as
+    :func:`plot_reconstructions` (:func:`reconstructions_size`).
+
+    Args:
+        model: a ``capsnet_multimnist`` CapsNet (36x36 inputs), with its decoder.
+        images: the composites, float in [0, 1] (n, 1, H, W).
+        labels: the two true classes of each composite (n, 2).
+        path: the PNG file to write.
+        columns: pairs per row.
+        device: where to run the model (default: the model's device).
+
+    Returns:
+        ``path``.
+    """
+    decoder = _require_decoder(model, "plot_multimnist")
+    n = int(images.shape[0])
+    if n < 1 or images.dim() != 4 or images.shape[1] != 1 or labels.shape != (n, 2):
+        raise ValueError(
+            f"expected images (n, 1, H, W) with n >= 1 and labels (n, 2), got images "
+            f"{tuple(images.shape)} and labels {tuple(labels.shape)}"
+        )
+    device = _device_of(model) if device is None else device
+    x = images.float().to(device)
+    with _evaluating(model):
+        out = model(x)
+        pairs = out.scores.topk(2, dim=1).indices  # (n, 2), the longer capsule first
+        recon = decoder(out.capsules, pairs)  # (n, 2, 1, H, W)
+    inputs = x[:, 0].cpu().numpy()
+    both = recon[:, :, 0].float().clamp(0, 1).cpu().numpy()  # (n, 2, H, W)
+    overlay = np.stack([both[:, 0], both[:, 1], np.zeros_like(both[:, 0])], axis=-1)
+    pairs, labels = pairs.cpu(), labels.cpu()
+    wrong = [{int(a) for a in pairs[k]} != {int(a) for a in labels[k]} for k in range(n)]
+    width, height = reconstructions_size(n, columns)
+    canvas = _Canvas(width, height)
+    cols = min(columns, n)
+    errors = sum(wrong)
+    head = (
+        f"MultiMNIST (Sabour et al. 2017, Fig. 5): {errors} of {n} pairs wrong (red)"
+        if cols >= 6
+        else f"Fig. 5: {errors}/{n} wrong (red)"
+    )
+    canvas.text(6, 6, head, fontsize=8 if cols >= 3 else 7, weight="bold")
+    canvas.text(6, 26, "top: input; below: red = 1st, green = 2nd capsule", fontsize=7)
+    for k in range(n):
+        x0, y0 = 100 * (k % cols), 50 + 200 * (k // cols)
+        color = WRONG if wrong[k] else "0.6"
+        for row, img in enumerate((inputs[k], overlay[k])):
+            ax = canvas.axes(x0 + 10, y0 + 20 + 86 * row, 80, 80)
+            if row == 0:
+                ax.imshow(img, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+                a, b = (int(v) for v in labels[k])
+                p, q = (int(v) for v in pairs[k])
+                ax.set_title(
+                    f"L:({a},{b}) R:({p},{q})",
+                    fontsize=8,
+                    pad=3,
+                    color=WRONG if wrong[k] else "black",
+                    weight="bold" if wrong[k] else "normal",
+                )
+            else:
+                ax.imshow(img, interpolation="nearest")
+            _image_axes(ax)
+            for spine in ax.spines.values():
+                spine.set_color(color)
+                spine.set_linewidth(3.0 if wrong[k] else 0.8)
     return canvas.save(path)
 
 
@@ -832,7 +929,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=16,
         metavar="N",
-        help="digits in reconstructions.png (default: 16)",
+        help="digits in reconstructions.png, pairs in multimnist.png (default: 16)",
     )
     p.add_argument(
         "--columns",
@@ -943,8 +1040,14 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Path]:
         log(f"wrote {path} ({w} x {h} px)")
 
     wanted = list(args.figures)
+    multimnist = info["model_name"] == MULTIMNIST_MODEL
+    for name in MNIST_FIGURES if multimnist else ("multimnist",):
+        if name in wanted:
+            kind = "a MultiMNIST" if multimnist else "a single-digit"
+            log(f"skipped {name}.png: not drawn for {kind} model ({info['model_name']})")
+            wanted.remove(name)
     if not has_decoder(model):
-        for name in ("reconstructions", "perturbations"):
+        for name in ("reconstructions", "perturbations", "multimnist"):
             if name in wanted:
                 log(
                     f"skipped {name}.png: the model was trained without reconstruction "
@@ -1006,6 +1109,23 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Path]:
                 device=device,
             )
             done("coupling", path)
+
+    if "multimnist" in wanted:
+        images, labels, _ = load_test_set(args.data_dir, log)
+        if args.max_samples is not None:
+            images, labels = images[: args.max_samples], labels[: args.max_samples]
+        # The example's fixed test pairs (MultiMNISTTask: seed 0), the first --num-digits.
+        test_pairs = MultiMNIST(images, labels, canvas=36, max_shift=4, seed=0)
+        pairs = test_pairs.batch(list(range(min(args.num_digits, len(test_pairs)))))
+        path = plot_multimnist(
+            model,
+            pairs.image,
+            pairs.labels,
+            out_dir / "multimnist.png",
+            columns=args.columns,
+            device=device,
+        )
+        done("multimnist", path)
 
     if "curves" in wanted:
         metrics = args.metrics or args.checkpoint.resolve().parent / "metrics.jsonl"

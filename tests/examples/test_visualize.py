@@ -204,3 +204,46 @@ def test_main_errors(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped
     args = vis.parse_args(["--checkpoint", "x.pt", "--figures", "curves,coupling"])
     assert args.figures == ["coupling", "curves"]
     assert vis.parse_args(["--checkpoint", "x.pt"]).figures == list(vis.FIGURES)
+
+
+# -- Figure 5: MultiMNIST ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def multimnist_model():  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    return get_model("capsnet_multimnist").eval()
+
+
+def test_multimnist_figure(multimnist_model, sample, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from torchcaps.datasets import MultiMNIST
+
+    pairs = MultiMNIST(*sample, seed=0).batch(list(range(5)))
+    path = vis.plot_multimnist(
+        multimnist_model, pairs.image, pairs.labels, tmp_path / "m.png", columns=3
+    )
+    assert png_size(path) == vis.reconstructions_size(5, 3) == (300, 450)
+    with pytest.raises(ValueError, match=r"labels \(n, 2\), got images \(5, 1, 36, 36\)"):
+        vis.plot_multimnist(multimnist_model, pairs.image, pairs.labels[:, 0], tmp_path / "x.png")
+
+
+def test_main_on_a_multimnist_checkpoint(multimnist_model, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    state = {
+        "model": multimnist_model.state_dict(),
+        "model_name": "capsnet_multimnist",
+        "model_kwargs": {},
+        "args": {},
+        "epoch": 2,
+    }
+    runtime.atomic_save(state, tmp_path / "best.pt")
+    write_metrics(tmp_path / "metrics.jsonl")
+    argv = ["--checkpoint", str(tmp_path / "best.pt"), "--device", "cpu", "--num-digits", "4"]
+    assert vis.main(argv) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["curves.png", "multimnist.png"]
+    assert png_size(tmp_path / "multimnist.png") == (400, 250)
+    printed = capsys.readouterr().out
+    assert "skipped coupling.png: not drawn for a MultiMNIST model (capsnet_multimnist)" in printed
+    # and an MNIST model does not draw Figure 5
+    mnist = {"model": get_model("capsnet_mnist").state_dict(), "args": {}, "epoch": 1}
+    runtime.atomic_save(mnist, tmp_path / "mnist.pt")
+    argv = ["--checkpoint", str(tmp_path / "mnist.pt"), "--figures", "multimnist"]
+    assert vis.main(argv + ["--device", "cpu"]) == 1
+    assert "skipped multimnist.png: not drawn for a single-digit model" in capsys.readouterr().out
