@@ -8,21 +8,22 @@ What one training step is, per configuration (all include the data pipeline):
 
 - ``torchcaps-*``: the MNIST example's own harness (``examples/engine.py``): an
   ``engine.Trainer`` built from ``mnist_capsnet.parse_args`` with ``--embedded-sample`` (uint8
-  digits held as one tensor on the device) and the configuration's ``--amp``,
-  ``--channels-last``, ``--conv-impl`` and ``--compile``; a step is one batch of indices from
+  digits held as one tensor on the device) and the configuration's ``--amp``, ``--channels-
+  last``, ``--conv-impl`` and ``--compile``; a step is one batch of indices from
   ``engine.train_batches``, ``engine.augmented_batch`` (the recipe's augmentation) and
   ``engine.train_step`` on the trainer's ``step_context`` (``capsnet_mnist`` under the
-  configured autocast, the recipe's ``CapsuleLoss``, backward, the Adam and schedule steps),
-  the calls ``engine.train_one_epoch`` makes. ``-cl`` = channels_last, ``-bf16`` =
-  ``torch.autocast(device, torch.bfloat16)``, ``-compile`` = ``torch.compile`` of the model
-  (``--compile``), ``-native`` = PrimaryCaps with ``conv_impl="native"`` (torch's
-  convolution; the others use ``"auto"``, which in eager mode on CPU means kernel-row matmuls,
-  in bfloat16 under bf16 autocast where the CPU has bf16 instructions), ``-whole`` = DigitCaps
-  with ``batch_chunk=None`` (the whole batch routed at once, through the recipe's
-  ``runtime_kwargs``; the others use ``"auto"``, which on CPU routes chunks of 22 examples),
-  ``-sysmalloc`` = ``--malloc system`` (glibc's malloc as it is; the others use ``--malloc
-  auto``, which on CPU keeps freed memory for reuse, see ``runtime.keep_freed_memory``; the
-  reference runs with the system malloc).
+  configured autocast, the recipe's ``CapsuleLoss``, backward, the Adam and schedule steps), the
+  calls ``engine.train_one_epoch`` makes. ``-cl`` = channels_last, ``-bf16`` =
+  ``torch.autocast(device, torch.bfloat16)`` (``--amp bf16``, which on a CPU without bf16
+  instructions runs float32: the "no slower than fp32" target of that class), ``-compile`` =
+  ``torch.compile`` of the model (``--compile``), ``-native`` = PrimaryCaps with
+  ``conv_impl="native"`` (torch's convolution; the others use ``"auto"``, which in eager mode on
+  CPU means tap matmuls: in float32, and in bfloat16 by kernel rows under bf16 autocast where
+  the CPU has bf16 instructions), ``-whole`` = DigitCaps with ``batch_chunk=None`` (the whole
+  batch routed at once, through the recipe's ``runtime_kwargs``; the others use ``"auto"``,
+  which on CPU routes chunks of 22 examples), ``-sysmalloc`` = ``--malloc system`` (glibc's
+  malloc as it is; the others use ``--malloc auto``, which on CPU keeps freed memory for reuse,
+  see ``runtime.keep_freed_memory``; the reference runs with the system malloc).
 - ``reference``: ``benchmarks/reference_capsnet.py``: a DataLoader over a Dataset of uint8
   images with per-sample torchvision transforms (Pad(2) + RandomCrop(28) + ToTensor), the plain
   CapsNet written from the paper, its loss, backward and Adam.

@@ -64,12 +64,36 @@ def train_batches(
         yield perm[start + rank * per_rank : start + (rank + 1) * per_rank]
 
 
-def precision_summary(model: nn.Module, amp: str, device: torch.device) -> str:
-    """Which precision each part of ``model`` computes in under ``--amp amp`` on ``device``."""
+def effective_amp(amp: str, device: torch.device) -> str:
+    """The autocast precision a run uses for ``--amp amp`` on ``device``.
+
+    ``bf16`` on a CPU without bf16 instructions (no AVX512-BF16 or AMX-BF16) becomes ``none``:
+    there bf16 matmuls are emulated and slower than float32 (0.41x on a Xeon,
+    benchmarks/RESULTS.md), so float32 is the fast path.
+    """
+    from torchcaps.layers._tap_matmul import cpu_has_bf16_instructions
+
+    if amp == "bf16" and device.type == "cpu" and not cpu_has_bf16_instructions():
+        return "none"
+    return amp
+
+
+def precision_summary(
+    model: nn.Module, amp: str, device: torch.device, requested: str | None = None
+) -> str:
+    """Which precision each part of ``model`` computes in under ``--amp amp`` on ``device``.
+
+    ``requested``: the ``--amp`` asked for, when :func:`effective_amp` changed it.
+    """
     from torchcaps import Conv2dCaps
     from torchcaps.layers._tap_matmul import MIN_CHANNELS, MIN_TAPS, cpu_has_bf16_instructions
 
     if amp == "none":
+        if requested is not None and requested != amp:
+            return (
+                f"precision: float32 throughout (--amp {requested} asked for, but this CPU has "
+                "no bf16 instructions: emulated bf16 is slower than float32)"
+            )
         return "precision: float32 throughout"
     parts = [f"precision: --amp {amp}: convolutions and linear layers in {amp} autocast"]
     wide = [
@@ -368,6 +392,7 @@ class Trainer:
         if args.malloc == "keep" or (args.malloc == "auto" and self.device.type == "cpu"):
             kept = keep_freed_memory()
             self.log(f"malloc: {'keeps freed memory' if kept else 'unchanged (not glibc)'}")
+        self.amp = effective_amp(args.amp, self.device)
         if args.amp == "fp16" and self.device.type != "cuda":
             raise SystemExit("--amp fp16 needs a CUDA device (use --amp bf16 on the CPU)")
         if args.batch_size % self.dist.world:
@@ -445,7 +470,7 @@ class Trainer:
             optimizer=self.optimizer,
             scaler=self.scaler,
             scheduler=self.scheduler if self.schedule_per_step else None,
-            amp=args.amp,
+            amp=self.amp,
             device=self.device,
             model_target=self.task.model_target,
         )

@@ -156,7 +156,8 @@ def get_args_parser(recipe: Recipe, add_help: bool = True) -> argparse.ArgumentP
         choices=("none", "bf16", "fp16"),
         default="none",
         help="autocast precision of convolutions and decoder (routing stays float32); "
-        "fp16 needs CUDA",
+        "fp16 needs CUDA; bf16 runs float32 on CPUs without bf16 instructions (emulated bf16 is "
+        "slower there; the log says so)",
     )
     add_flag(p, "--compile", action="store_true", help="torch.compile the model")
     add_flag(
@@ -339,7 +340,7 @@ def _run(
         f"({device_name}); data: {trainer.data_source}; {trainer.train_images.shape[0]} train / "
         f"{trainer.test_images.shape[0]} test images"
     )
-    log(precision_summary(trainer.model, args.amp, trainer.device))
+    log(precision_summary(trainer.model, trainer.amp, trainer.device, requested=args.amp))
     progress = sys.stderr.isatty() and not args.quiet and dist_info.main
     history = []
     while trainer.epoch < args.epochs:

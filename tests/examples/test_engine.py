@@ -139,3 +139,25 @@ def test_precision_summary_says_what_runs_in_which_precision(
     assert "Conv2dCaps" not in engine.precision_summary(
         get_model("efficient_capsnet_mnist"), "bf16", cpu
     )
+
+
+@pytest.mark.parametrize("bf16_instructions", [True, False])
+def test_bf16_falls_back_to_float32_where_it_would_be_emulated(
+    monkeypatch: pytest.MonkeyPatch, bf16_instructions: bool
+) -> None:
+    import mnist_capsnet
+    import torchcaps.layers._tap_matmul as tap_matmul
+
+    monkeypatch.setattr(tap_matmul, "cpu_has_bf16_instructions", lambda: bf16_instructions)
+    cpu = torch.device("cpu")
+    expected = "bf16" if bf16_instructions else "none"
+    assert engine.effective_amp("bf16", cpu) == expected
+    assert engine.effective_amp("none", cpu) == "none"
+    argv = ["--embedded-sample", "--quiet", "--amp", "bf16", "--max-train-samples", "64"]
+    argv += ["--batch-size", "16", "--max-test-samples", "32"]
+    trainer = engine.Trainer(
+        mnist_capsnet.parse_args(argv), mnist_capsnet.RECIPE, log=lambda *a, **k: None
+    )
+    assert trainer.amp == trainer.step_context.amp == expected
+    said = engine.precision_summary(trainer.model, trainer.amp, cpu, requested="bf16")
+    assert ("asked for, but this CPU has no bf16 instructions" in said) == (not bf16_instructions)
