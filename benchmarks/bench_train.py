@@ -8,8 +8,8 @@ What one training step is, per configuration (all include the data pipeline):
 
 - ``torchcaps-*``: the MNIST example's own harness (``examples/engine.py``): an
   ``engine.Trainer`` built from ``mnist_capsnet.parse_args`` with ``--embedded-sample`` (uint8
-  digits held as one tensor on the device) and the configuration's ``--amp``, ``--channels-
-  last``, ``--conv-impl`` and ``--compile``; a step is one batch of indices from
+  digits held as one tensor on the device) and the configuration's ``--amp``,
+  ``--channels-last``, ``--conv-impl`` and ``--compile``; a step is one batch of indices from
   ``engine.train_batches``, ``engine.augmented_batch`` (the recipe's augmentation) and
   ``engine.train_step`` on the trainer's ``step_context`` (``capsnet_mnist`` under the
   configured autocast, the recipe's ``CapsuleLoss``, backward, the Adam and schedule steps), the
