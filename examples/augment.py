@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from torchcaps.datasets import (
+    content_margins,
     crop_brightness_contrast,
     preprocess_smallnorb,
     random_crop_parameters,
@@ -111,21 +112,6 @@ def erase(images: Tensor, top: Tensor, left: Tensor, size: int) -> Tensor:
     return images * (~inside).unsqueeze(1).to(images.dtype)
 
 
-def margins(images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Empty rows/columns on each side of the content of each image: (top, bottom, left, right).
-
-    A pixel is content when it is non-zero in any channel; an empty image has margins 0.
-    """
-    content = images.ne(0).any(dim=1)  # (B, H, W)
-    rows, cols = content.any(dim=2).int(), content.any(dim=1).int()
-    return (
-        rows.argmax(dim=1),
-        rows.flip(1).argmax(dim=1),
-        cols.argmax(dim=1),
-        cols.flip(1).argmax(dim=1),
-    )
-
-
 def shift_within_margins(images: Tensor, amount: Tensor, forth: Tensor) -> Tensor:
     """Shift each image by a fraction of its empty margin, so that its content is never cut.
 
@@ -135,7 +121,7 @@ def shift_within_margins(images: Tensor, amount: Tensor, forth: Tensor) -> Tenso
     ``floor(amount m)`` towards its start otherwise, ``m`` the empty margin there (the
     official code's rounding).
     """
-    top, bottom, left, right = margins(images)
+    top, bottom, left, right = content_margins(images)
     steps = []
     for axis, (before, after) in enumerate(((top, bottom), (left, right))):
         back = torch.floor(-amount[axis] * before)

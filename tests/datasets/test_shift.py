@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from torchcaps.datasets import random_shift, random_shift_offsets, translate
+from torchcaps.datasets import content_margins, random_shift, random_shift_offsets, translate
 
 
 def test_translate_matches_a_loop() -> None:
@@ -84,3 +84,37 @@ def test_bad_input() -> None:
         translate(torch.zeros(2, 5, 5), torch.zeros(2, dtype=torch.long), torch.zeros(2))
     with pytest.raises(ValueError, match=r"images must be a tensor of shape \(N, \*, H, W\)"):
         translate(torch.zeros(5, 5), torch.zeros(5, dtype=torch.long), torch.zeros(5))
+
+
+def test_content_margins_match_a_loop() -> None:
+    images = torch.zeros(5, 2, 8, 9)
+    images[0, 0, 2, 3] = 1.0
+    images[1, 1, 0:8, 8] = 0.5
+    images[2, :, 3:5, 1:7] = -0.2  # negative values are content too
+    images[3, 0, 7, 0] = 1.0  # image 4 stays empty
+    margins = content_margins(images)
+    for k in range(5):
+        rows = [y for y in range(8) if images[k, :, y].ne(0).any()]
+        cols = [x for x in range(9) if images[k, :, :, x].ne(0).any()]
+        expected = (rows[0], 7 - rows[-1], cols[0], 8 - cols[-1]) if rows else (8, 8, 9, 9)
+        assert tuple(int(m[k]) for m in margins) == expected
+    # (N, H, W) and uint8 alike
+    top = content_margins((images[:, 0].abs() * 255).to(torch.uint8))[0]
+    assert top.tolist() == [2, 8, 3, 7, 8]  # channel 0 only: images 1 and 4 are empty
+
+
+@given(st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_shifting_by_the_margins_keeps_the_content(n: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    images = (torch.rand(n, 1, 7, 6, generator=g) < 0.2).float()
+    top, bottom, left, right = content_margins(images)
+    for dy, dx in ((bottom, right), (-top, -left)):
+        moved = translate(images, dy.clamp(max=7), dx.clamp(max=6))
+        torch.testing.assert_close(moved.sum((1, 2, 3)), images.sum((1, 2, 3)))
+
+
+def test_content_margins_bad_input() -> None:
+    with pytest.raises(
+        ValueError, match=r"images must be a tensor of shape \(N, \*, H, W\), got \(4, 4\)"
+    ):
+        content_margins(torch.zeros(4, 4))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import augment
 from _helpers import bilinear_sample
-from torchcaps.datasets import random_shift
+from torchcaps.datasets import content_margins, random_shift
 
 
 def test_random_shift_is_the_librarys_with_one_process() -> None:
@@ -66,20 +66,6 @@ def test_rotate_by_90_degrees_is_counter_clockwise() -> None:
     torch.testing.assert_close(out, torch.rot90(images, 1, dims=(2, 3)))
 
 
-def test_margins_match_a_loop() -> None:
-    images = torch.zeros(5, 2, 8, 9)
-    images[0, 0, 2, 3] = 1.0
-    images[1, 1, 0:8, 8] = 0.5
-    images[2, :, 3:5, 1:7] = 0.2
-    images[3, 0, 7, 0] = 1.0  # image 4 stays empty
-    top, bottom, left, right = augment.margins(images)
-    for k in range(5):
-        rows = [y for y in range(8) if images[k, :, y].ne(0).any()]
-        cols = [x for x in range(9) if images[k, :, :, x].ne(0).any()]
-        expected = (rows[0], 7 - rows[-1], cols[0], 8 - cols[-1]) if rows else (0, 0, 0, 0)
-        assert (int(top[k]), int(bottom[k]), int(left[k]), int(right[k])) == expected
-
-
 def test_shift_within_margins_never_cuts_the_content() -> None:
     g = torch.Generator().manual_seed(0)
     images = torch.zeros(64, 1, 28, 28)
@@ -91,7 +77,7 @@ def test_shift_within_margins_never_cuts_the_content() -> None:
         out = augment.shift_within_margins(images, amount, forth)
         torch.testing.assert_close(out.sum((1, 2, 3)), images.sum((1, 2, 3)))  # nothing lost
     # the largest amount moves the content to the border it moves towards
-    top, bottom, left, right = augment.margins(out)
+    top, bottom, left, right = content_margins(out)
     assert torch.equal(torch.where(forth[0], bottom, top), torch.zeros(64, dtype=torch.long))
     assert torch.equal(torch.where(forth[1], right, left), torch.zeros(64, dtype=torch.long))
 

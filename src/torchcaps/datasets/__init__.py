@@ -12,7 +12,8 @@
 - An affNIST-style test set (it is not affNIST): :func:`affine_mnist`, returning
   :class:`AffineMNIST`.
 - Shifts: :func:`random_shift` (the CapsNet paper's augmentation), its offsets
-  (:func:`random_shift_offsets`) and :func:`translate`.
+  (:func:`random_shift_offsets`), :func:`translate`, and :func:`content_margins` (how far each
+  image can move without cutting its content).
 
 The generators take images as float tensors in [0, 1] of shape (N, 1, H, W), or (N, H, W), or
 uint8 (scaled to [0, 1]).
@@ -26,7 +27,7 @@ from torchcaps.datasets.multimnist import (
     multimnist_batch,
     overlay_pairs,
 )
-from torchcaps.datasets.shift import random_shift, random_shift_offsets, translate
+from torchcaps.datasets.shift import content_margins, random_shift, random_shift_offsets, translate
 from torchcaps.datasets.smallnorb import (
     SMALLNORB_CLASSES,
     SmallNORB,
@@ -49,6 +50,7 @@ __all__ = [
     "SmallNORB",
     "affine_mnist",
     "center_crop",
+    "content_margins",
     "crop_brightness_contrast",
     "multimnist_batch",
     "overlay_pairs",

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from torchcaps._checks import check_float, check_int
 from torchcaps.datasets._images import image_batch, label_vector
+from torchcaps.datasets.shift import content_margins
 
 __all__ = ["AffineMNIST", "affine_mnist"]
 
@@ -136,15 +137,9 @@ def _translations(
     ``u`` (N, 2): uniforms in [0, 1), the fraction of each axis's free range.
     """
     h, w = x.shape[2:]
-    content = x.detach().abs().sum(dim=1).cpu() > 0  # (N, H, W)
-    rows, cols = content.any(dim=2), content.any(dim=1)
-    idx_r, idx_c = torch.arange(h), torch.arange(w)
-    big = max(h, w) + 1
-    top = torch.where(rows, idx_r, big).min(dim=1).values
-    bottom = torch.where(rows, idx_r, -1).max(dim=1).values
-    left = torch.where(cols, idx_c, big).min(dim=1).values
-    right = torch.where(cols, idx_c, -1).max(dim=1).values
-    empty = bottom < 0
+    top, below, left, beside = content_margins(x.detach().cpu())
+    bottom, right = h - 1 - below, w - 1 - beside  # the content's last row and column
+    empty = top == h
     # corners of the content's pixel extent, relative to the input centre: (N, 4, 2)
     xs = torch.stack([left - 0.5, right + 0.5], 1).double() - c_in[0]
     ys = torch.stack([top - 0.5, bottom + 0.5], 1).double() - c_in[1]

@@ -8,7 +8,7 @@ from torch import Tensor
 from torchcaps._checks import check_int, shape_str
 from torchcaps.datasets._images import image_batch
 
-__all__ = ["random_shift", "random_shift_offsets", "translate"]
+__all__ = ["content_margins", "random_shift", "random_shift_offsets", "translate"]
 
 
 def translate(images: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
@@ -53,6 +53,44 @@ def translate(images: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
     moved = images.movedim((-2, -1), (1, 2))[k, src_rows, src_cols]  # (N, H, W, ...)
     mask = valid.view(b, h, w, *([1] * (images.dim() - 3))).to(images.dtype)
     return (moved * mask).movedim((1, 2), (-2, -1))
+
+
+def content_margins(images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""The empty rows and columns on each side of each image's content.
+
+    A pixel is content where it is non-zero in any channel. For image :math:`k` with content
+    in rows :math:`y_0 \dots y_1` and columns :math:`x_0 \dots x_1`, the margins are
+    :math:`(y_0, H - 1 - y_1, x_0, W - 1 - x_1)`; an image without content has margins
+    :math:`(H, H, W, W)` (every row and column is empty). Shifting an image by at most its
+    margin towards a side never cuts its content.
+
+    Shape:
+        - images: :math:`(N, *, H, W)`, any dtype.
+        - Output: ``(top, bottom, left, right)``, each :math:`(N,)`, int64, on the images'
+          device.
+
+    Examples:
+        >>> import torch
+        >>> from torchcaps.datasets import content_margins
+        >>> x = torch.zeros(2, 1, 4, 5)
+        >>> x[0, 0, 1:3, 2] = 1.0
+        >>> [m.tolist() for m in content_margins(x)]
+        [[1, 4], [1, 4], [2, 5], [2, 5]]
+    """
+    if not isinstance(images, Tensor) or images.dim() < 3:
+        got = shape_str(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(
+            f"content_margins: images must be a tensor of shape (N, *, H, W), got {got}"
+        )
+    h, w = images.shape[-2], images.shape[-1]
+    content = images.ne(0).flatten(1, -3).any(dim=1) if images.dim() > 3 else images.ne(0)
+    rows, cols = content.any(dim=2), content.any(dim=1)  # (N, H), (N, W)
+    empty = ~rows.any(dim=1)
+
+    def first(mask: Tensor, size: int) -> Tensor:
+        return torch.where(empty, size, mask.int().argmax(dim=1))
+
+    return first(rows, h), first(rows.flip(1), h), first(cols, w), first(cols.flip(1), w)
 
 
 def random_shift_offsets(
