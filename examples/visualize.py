@@ -377,25 +377,38 @@ def plot_reconstructions(
     canvas.text(6, 6, lines[0], fontsize=8 if cols >= 3 else 7, weight="bold")
     canvas.text(6, 26, lines[1], fontsize=7)
     for k in range(n):
-        x0, y0 = 100 * (k % cols), 50 + 200 * (k // cols)
-        wrong = bool(pred[k] != labels[k])
-        color = WRONG if wrong else "0.6"
-        for row, img in enumerate((inputs[k], outputs[k])):
-            ax = canvas.axes(x0 + 10, y0 + 20 + 86 * row, 80, 80)
-            ax.imshow(img, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-            _image_axes(ax)
-            for spine in ax.spines.values():
-                spine.set_color(color)
-                spine.set_linewidth(3.0 if wrong else 0.8)
-            if row == 0:
-                ax.set_title(
-                    f"pred {int(pred[k])} / true {int(labels[k])}",
-                    fontsize=8,
-                    pad=3,
-                    color=WRONG if wrong else "black",
-                    weight="bold" if wrong else "normal",
-                )
+        title = f"pred {int(pred[k])} / true {int(labels[k])}"
+        _image_cell(canvas, k, cols, (inputs[k], outputs[k]), title, bool(pred[k] != labels[k]))
     return canvas.save(path)
+
+
+def _image_cell(
+    canvas: _Canvas, k: int, cols: int, images: tuple[Any, Any], title: str, wrong: bool
+) -> None:
+    """Cell ``k`` of a 100 x 200 pixel grid: two 80 x 80 images, titled, framed red if wrong.
+
+    An image with a trailing axis of 3 is drawn as RGB, any other in grey over [0, 1].
+    """
+    x0, y0 = 100 * (k % cols), 50 + 200 * (k // cols)
+    color = WRONG if wrong else "0.6"
+    for row, img in enumerate(images):
+        ax = canvas.axes(x0 + 10, y0 + 20 + 86 * row, 80, 80)
+        if img.ndim == 3:
+            ax.imshow(img, interpolation="nearest")
+        else:
+            ax.imshow(img, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        _image_axes(ax)
+        for spine in ax.spines.values():
+            spine.set_color(color)
+            spine.set_linewidth(3.0 if wrong else 0.8)
+        if row == 0:
+            ax.set_title(
+                title,
+                fontsize=8,
+                pad=3,
+                color=WRONG if wrong else "black",
+                weight="bold" if wrong else "normal",
+            )
 
 
 def plot_multimnist(
@@ -458,27 +471,9 @@ def plot_multimnist(
     canvas.text(6, 6, head, fontsize=8 if cols >= 3 else 7, weight="bold")
     canvas.text(6, 26, "top: input; below: red = 1st, green = 2nd capsule", fontsize=7)
     for k in range(n):
-        x0, y0 = 100 * (k % cols), 50 + 200 * (k // cols)
-        color = WRONG if wrong[k] else "0.6"
-        for row, img in enumerate((inputs[k], overlay[k])):
-            ax = canvas.axes(x0 + 10, y0 + 20 + 86 * row, 80, 80)
-            if row == 0:
-                ax.imshow(img, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-                a, b = (int(v) for v in labels[k])
-                p, q = (int(v) for v in pairs[k])
-                ax.set_title(
-                    f"L:({a},{b}) R:({p},{q})",
-                    fontsize=8,
-                    pad=3,
-                    color=WRONG if wrong[k] else "black",
-                    weight="bold" if wrong[k] else "normal",
-                )
-            else:
-                ax.imshow(img, interpolation="nearest")
-            _image_axes(ax)
-            for spine in ax.spines.values():
-                spine.set_color(color)
-                spine.set_linewidth(3.0 if wrong[k] else 0.8)
+        a, b = (int(v) for v in labels[k])
+        p, q = (int(v) for v in pairs[k])
+        _image_cell(canvas, k, cols, (inputs[k], overlay[k]), f"L:({a},{b}) R:({p},{q})", wrong[k])
     return canvas.save(path)
 
 
