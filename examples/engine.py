@@ -86,7 +86,7 @@ def precision_summary(
     ``requested``: the ``--amp`` asked for, when :func:`effective_amp` changed it.
     """
     from torchcaps import Conv2dCaps
-    from torchcaps.layers._tap_matmul import MIN_CHANNELS, MIN_TAPS, cpu_has_bf16_instructions
+    from torchcaps.layers._tap_matmul import cpu_has_bf16_instructions, wide_enough
 
     if amp == "none":
         if requested is not None and requested != amp:
@@ -102,8 +102,7 @@ def precision_summary(
         if isinstance(m, Conv2dCaps)
         and m.conv_impl == "auto"
         and m.groups == 1
-        and min(m.conv.in_channels, m.conv.out_channels) >= MIN_CHANNELS
-        and m.kernel_size[0] * m.kernel_size[1] >= MIN_TAPS
+        and wide_enough(m.conv.weight)
     ]
     if wide and device.type == "cpu" and amp == "bf16":
         if cpu_has_bf16_instructions():

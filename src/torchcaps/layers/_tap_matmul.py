@@ -309,6 +309,15 @@ def cpu_has_bf16_instructions() -> bool:
     return False
 
 
+def wide_enough(weight: Tensor) -> bool:
+    """Whether the auto rule computes a convolution of this weight (O, C, KH, KW) as tap products.
+
+    At least :data:`MIN_CHANNELS` channels each way and :data:`MIN_TAPS` kernel taps.
+    """
+    o, c, kh, kw = weight.shape
+    return c >= MIN_CHANNELS and o >= MIN_CHANNELS and kh * kw >= MIN_TAPS
+
+
 def auto_tap_matmul_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
     """The compute dtype ``conv_impl="auto"`` runs :func:`tap_matmul_conv2d` in, or ``None``.
 
@@ -319,16 +328,13 @@ def auto_tap_matmul_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
     """
     if in_graph_capture():
         return None
-    o, c, kh, kw = weight.shape
     eligible = (
         type(x) in _PLAIN  # not a FakeTensor or another tensor subclass
         and type(weight) in _PLAIN
         and x.device.type == "cpu"
         and weight.dtype == torch.float32
         and x.numel() > 0
-        and c >= MIN_CHANNELS
-        and o >= MIN_CHANNELS
-        and kh * kw >= MIN_TAPS
+        and wide_enough(weight)
         and not is_functorch_wrapped(x)
         and not is_functorch_wrapped(weight)
     )
