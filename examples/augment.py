@@ -7,6 +7,8 @@ rank) and the rank keeps its slice, so an image gets the same augmentation as in
 single-process run with the same seed.
 
 - :class:`Shift`: the CapsNet paper's random shifts of up to 2 pixels (zero fill).
+- :class:`CanvasShift`: each image centred on a larger canvas, then shifted as :class:`Shift`
+  (the training digits of the affine-robustness experiment, 28x28 on 40x40).
 - :class:`EfficientCapsNetAugment`: the MNIST augmentation of the Efficient-CapsNet code
   (rotation, shift within the free margin, width squish, a 4x4 erase).
 - :class:`SmallNORBAugment`: the matrix-capsule paper's smallNORB training preprocessing
@@ -27,6 +29,7 @@ from torch import Tensor
 from torchcaps.datasets import (
     content_margins,
     crop_brightness_contrast,
+    pad_to_canvas,
     preprocess_smallnorb,
     random_crop_parameters,
     random_shift_offsets,
@@ -142,6 +145,22 @@ class Shift:
         if self.max_shift <= 0:
             return images
         return random_shift(images, self.max_shift, generator, rank, world)
+
+
+@dataclass(frozen=True)
+class CanvasShift:
+    """Each image centred on a ``canvas`` x ``canvas`` square
+    (:func:`torchcaps.datasets.pad_to_canvas`), then shifted by up to ``max_shift`` pixels in
+    x and y (:class:`Shift`)."""
+
+    canvas: int = 40
+    max_shift: int = 2
+
+    def __call__(
+        self, images: Tensor, generator: torch.Generator, rank: int = 0, world: int = 1
+    ) -> Tensor:
+        placed = pad_to_canvas(images, self.canvas)
+        return Shift(self.max_shift)(placed, generator, rank, world)
 
 
 @dataclass(frozen=True)

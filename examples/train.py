@@ -363,10 +363,16 @@ def _run(
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         history.append(record)
+        # a task's further test sets (e.g. affine_accuracy) after the test set's figures
+        more = "".join(
+            f"  {key.removesuffix('_accuracy')} acc {value:.2f}%"
+            for key, value in ev.items()
+            if key.endswith("_accuracy") and key != "test_accuracy"
+        )
         log(
             f"epoch {trainer.epoch:3d}  train loss {tr['train_loss']:.5f}  "
             f"test loss {ev['test_loss']:.5f}  test acc {ev['test_accuracy']:.2f}% "
-            f"({ev['test_errors']}/{ev['test_samples']} errors)  "
+            f"({ev['test_errors']}/{ev['test_samples']} errors){more}  "
             f"{tr['train_images_per_second']:.0f} img/s  {tr['epoch_seconds']:.1f} s",
             flush=True,
         )

@@ -8,7 +8,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from torchcaps.datasets import content_margins, random_shift, random_shift_offsets, translate
+from torchcaps.datasets import (
+    content_margins,
+    pad_to_canvas,
+    random_shift,
+    random_shift_offsets,
+    translate,
+)
 
 
 def test_translate_matches_a_loop() -> None:
@@ -118,3 +124,30 @@ def test_content_margins_bad_input() -> None:
         ValueError, match=r"images must be a tensor of shape \(N, \*, H, W\), got \(4, 4\)"
     ):
         content_margins(torch.zeros(4, 4))
+
+
+def test_pad_to_canvas_matches_a_loop() -> None:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(1, 256, (3, 2, 5, 4), generator=g, dtype=torch.uint8)
+    out = pad_to_canvas(images, 8)
+    assert out.shape == (3, 2, 8, 8) and out.dtype == torch.uint8
+    top, left = 1, 2  # (8 - 5) // 2 rows above, (8 - 4) // 2 columns to the left
+    for y in range(8):
+        for x in range(8):
+            inside = top <= y < top + 5 and left <= x < left + 4
+            want = (
+                images[:, :, y - top, x - left] if inside else torch.zeros(3, 2, dtype=torch.uint8)
+            )
+            assert torch.equal(out[:, :, y, x], want)
+    # (N, H, W) input; a canvas the image's size is the image
+    assert pad_to_canvas(torch.ones(2, 28, 28), 40)[:, 6:34, 6:34].eq(1).all()
+    assert torch.equal(pad_to_canvas(images, 5)[..., :, :4], images)
+
+
+def test_pad_to_canvas_bad_input() -> None:
+    with pytest.raises(ValueError, match=r"canvas 27 is smaller than the images, 28x28"):
+        pad_to_canvas(torch.zeros(1, 28, 28), 27)
+    with pytest.raises(ValueError, match=r"images must be a tensor of shape \(N, \*, H, W\)"):
+        pad_to_canvas(torch.zeros(28, 28), 40)
+    with pytest.raises(TypeError, match="canvas"):
+        pad_to_canvas(torch.zeros(1, 28, 28), 40.0)  # type: ignore[arg-type]

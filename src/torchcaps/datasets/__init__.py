@@ -12,8 +12,9 @@
 - An affNIST-style test set (it is not affNIST): :func:`affine_mnist`, returning
   :class:`AffineMNIST`.
 - Shifts: :func:`random_shift` (the CapsNet paper's augmentation), its offsets
-  (:func:`random_shift_offsets`), :func:`translate`, and :func:`content_margins` (how far each
-  image can move without cutting its content).
+  (:func:`random_shift_offsets`), :func:`translate`, :func:`content_margins` (how far each
+  image can move without cutting its content), and :func:`pad_to_canvas` (digits centred on
+  a larger canvas).
 
 The generators take images as float tensors in [0, 1] of shape (N, 1, H, W), or (N, H, W), or
 uint8 (scaled to [0, 1]).
@@ -27,7 +28,13 @@ from torchcaps.datasets.multimnist import (
     multimnist_batch,
     overlay_pairs,
 )
-from torchcaps.datasets.shift import content_margins, random_shift, random_shift_offsets, translate
+from torchcaps.datasets.shift import (
+    content_margins,
+    pad_to_canvas,
+    random_shift,
+    random_shift_offsets,
+    translate,
+)
 from torchcaps.datasets.smallnorb import (
     SMALLNORB_CLASSES,
     SmallNORB,
@@ -54,6 +61,7 @@ __all__ = [
     "crop_brightness_contrast",
     "multimnist_batch",
     "overlay_pairs",
+    "pad_to_canvas",
     "preprocess_smallnorb",
     "random_crop_brightness_contrast",
     "random_crop_parameters",

@@ -5,13 +5,12 @@
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from torchcaps._checks import check_int
 from torchcaps.datasets._images import image_batch, label_vector
-from torchcaps.datasets.shift import random_shift_offsets, translate
+from torchcaps.datasets.shift import pad_to_canvas, random_shift_offsets, translate
 
 __all__ = [
     "MultiMNIST",
@@ -96,12 +95,11 @@ def _overlay(
     x: Tensor, y: Tensor, first: Tensor, second: Tensor, shifts: Tensor, canvas: int
 ) -> MultiMNISTSample:
     """:func:`overlay_pairs` on checked input (no check reads the device)."""
-    _, c, h, w = x.shape
+    c = x.shape[1]
     b = first.shape[0]
-    top, left = (canvas - h) // 2, (canvas - w) // 2
     dev = x.device
     pairs = torch.stack([first.to(dev), second.to(dev)], dim=1)  # (B, 2)
-    placed = F.pad(x[pairs.flatten()], (left, canvas - w - left, top, canvas - h - top))
+    placed = pad_to_canvas(x[pairs.flatten()], canvas)
     moves = shifts.to(dev).reshape(2 * b, 2)
     components = translate(placed, moves[:, 0], moves[:, 1]).view(b, 2, c, canvas, canvas)
     pair_labels = y.to(dev)[pairs]

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from torchcaps._checks import check_int, shape_str
 from torchcaps.datasets._images import image_batch
 
-__all__ = ["content_margins", "random_shift", "random_shift_offsets", "translate"]
+__all__ = [
+    "content_margins",
+    "pad_to_canvas",
+    "random_shift",
+    "random_shift_offsets",
+    "translate",
+]
 
 
 def translate(images: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
@@ -53,6 +60,42 @@ def translate(images: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
     moved = images.movedim((-2, -1), (1, 2))[k, src_rows, src_cols]  # (N, H, W, ...)
     mask = valid.view(b, h, w, *([1] * (images.dim() - 3))).to(images.dtype)
     return (moved * mask).movedim((1, 2), (-2, -1))
+
+
+def pad_to_canvas(images: Tensor, canvas: int) -> Tensor:
+    r"""Centre every image on a ``canvas`` x ``canvas`` square of zeros.
+
+    The image's top-left pixel lands at row :math:`\lfloor (S - H) / 2 \rfloor` and column
+    :math:`\lfloor (S - W) / 2 \rfloor` (an odd margin leaves the extra row below and the
+    extra column to the right), so a 28x28 digit fills rows and columns 6-33 of a 40x40
+    canvas, as MultiMNIST's and the affine set's digits before they move. Any dtype, any
+    number of dimensions between the batch and the last two.
+
+    Shape:
+        - images: :math:`(N, *, H, W)` with :math:`H, W \le S` = ``canvas``.
+        - Output: :math:`(N, *, S, S)`, the dtype of ``images``.
+
+    Examples:
+        >>> import torch
+        >>> from torchcaps.datasets import pad_to_canvas
+        >>> x = torch.ones(2, 1, 28, 28)
+        >>> y = pad_to_canvas(x, 40)
+        >>> y.shape, float(y[0, 0, 6:34, 6:34].sum()), float(y.sum())
+        (torch.Size([2, 1, 40, 40]), 784.0, 1568.0)
+    """
+    owner = "pad_to_canvas"
+    if not isinstance(images, Tensor) or images.dim() < 3:
+        got = shape_str(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"{owner}: images must be a tensor of shape (N, *, H, W), got {got}")
+    canvas = check_int("canvas", canvas, owner=owner)
+    h, w = images.shape[-2], images.shape[-1]
+    if canvas < max(h, w):
+        raise ValueError(
+            f"{owner}: canvas {canvas} is smaller than the images, {h}x{w} "
+            f"(images {shape_str(images.shape)})"
+        )
+    top, left = (canvas - h) // 2, (canvas - w) // 2
+    return F.pad(images, (left, canvas - w - left, top, canvas - h - top))
 
 
 def content_margins(images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
