@@ -154,13 +154,23 @@ def _agreement(u: Tensor, v: Tensor) -> Tensor:
     return torch.bmm(v.unsqueeze(1), u.transpose(1, 2)).squeeze(1)
 
 
+# one round's coupling (B, N_out, N_in) or None (uniform), s and v (B * N_out, D)
+_Round = tuple[Tensor | None, Tensor, Tensor]
+
+
 def _rounds(
-    u: Tensor, prior: Tensor | None, iterations: int, eps: float, stop_gradient: bool
+    u: Tensor,
+    prior: Tensor | None,
+    iterations: int,
+    eps: float,
+    stop_gradient: bool,
+    trace: list[_Round] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Procedure 1 on ``u`` (B, N_out, N_in, D) with logits starting at ``prior`` (N_out, N_in).
 
     Returns v (B, N_out, D) and the last round's coupling (B, N_out, N_in), ``None`` when it
-    is uniform (one round, no prior). Differentiable by autograd.
+    is uniform (one round, no prior). Differentiable by autograd. ``trace``, if given,
+    receives every round's ``(c, s, v)`` (what :class:`_RoutingRounds` saves for backward).
     """
     batch, n_out, n_in, dim = u.shape
     # Flatten (B, N_out) into one batch dimension: both contractions become torch.bmm calls
@@ -180,6 +190,8 @@ def _rounds(
             c = torch.softmax(b, dim=1)  # over the parents j
             s = _weighted_sum(c.reshape(batch * n_out, n_in), uu)
         v = squash(s, dim=-1, eps=eps)
+        if trace is not None:
+            trace.append((c, s, v))
         if not last:
             agreement = _agreement(uu, v).view(batch, n_out, n_in)
             b = agreement if b is None else b + agreement
@@ -218,28 +230,15 @@ class _RoutingRounds(torch.autograd.Function):
         eps: float,
         stop_gradient: bool,
     ) -> tuple[Tensor, Tensor | None]:
-        batch, n_out, n_in, dim = u.shape
-        u3 = u.view(batch * n_out, n_in, dim)
-        b = None if prior is None else prior.unsqueeze(0).expand(batch, n_out, n_in)
-        cs: list[Tensor | None] = []
-        ss: list[Tensor] = []
-        vs: list[Tensor] = []
-        for r in range(iterations):
-            c = None if b is None else torch.softmax(b, dim=1)
-            s = u3.sum(dim=1) * (1.0 / n_out) if c is None else _weighted_sum(c.view(-1, n_in), u3)
-            v = squash(s, dim=-1, eps=eps)
-            cs.append(c)
-            ss.append(s)
-            vs.append(v)
-            if r < iterations - 1:
-                agreement = _agreement(u3, v).view(batch, n_out, n_in)
-                b = agreement if b is None else b + agreement
+        trace: list[_Round] = []
+        v, c = _rounds(u, prior, iterations, eps, stop_gradient, trace)
+        cs, ss, vs = zip(*trace, strict=True)
         ctx.set_materialize_grads(False)
         ctx.uniform_first = cs[0] is None
-        couplings = [c for c in cs if c is not None]
+        couplings = [k for k in cs if k is not None]
         ctx.save_for_backward(u, prior, *couplings, *ss, *vs)
         ctx.options = (iterations, eps, stop_gradient)
-        return vs[-1].view(batch, n_out, dim), cs[-1]
+        return v, c
 
     @staticmethod
     def backward(
