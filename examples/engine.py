@@ -79,14 +79,21 @@ def effective_amp(amp: str, device: torch.device) -> str:
 
 
 def precision_summary(
-    model: nn.Module, amp: str, device: torch.device, requested: str | None = None
+    model: nn.Module,
+    amp: str,
+    device: torch.device,
+    requested: str | None = None,
+    compiled: bool = False,
 ) -> str:
     """Which precision each part of ``model`` computes in under ``--amp amp`` on ``device``.
 
-    ``requested``: the ``--amp`` asked for, when :func:`effective_amp` changed it.
+    ``requested``: the ``--amp`` asked for, when :func:`effective_amp` changed it;
+    ``compiled``: the model runs under ``torch.compile`` (whose graphs take torch's
+    convolution, not the tap products). What ``Conv2dCaps(conv_impl="auto")`` does is asked
+    of its own rule (``auto_tap_matmul_dtype``) under the run's autocast.
     """
     from torchcaps import Conv2dCaps
-    from torchcaps.layers._tap_matmul import cpu_has_bf16_instructions, wide_enough
+    from torchcaps.layers._tap_matmul import auto_tap_matmul_dtype, wide_enough
 
     if amp == "none":
         if requested is not None and requested != amp:
@@ -97,7 +104,7 @@ def precision_summary(
         return "precision: float32 throughout"
     parts = [f"precision: --amp {amp}: convolutions and linear layers in {amp} autocast"]
     wide = [
-        m
+        m.conv.weight
         for m in model.modules()
         if isinstance(m, Conv2dCaps)
         and m.conv_impl == "auto"
@@ -105,13 +112,18 @@ def precision_summary(
         and wide_enough(m.conv.weight)
     ]
     if wide and device.type == "cpu" and amp == "bf16":
-        if cpu_has_bf16_instructions():
-            parts.append("wide Conv2dCaps as bfloat16 tap products with float32 sums")
+        if compiled:
+            parts.append(f"wide Conv2dCaps as torch's convolution in {amp} (compiled)")
         else:
-            parts.append(
-                "wide Conv2dCaps in float32 (this CPU has no bf16 instructions: bf16 would be "
-                "emulated, slower than float32)"
-            )
+            with autocast_context(amp, device):
+                chosen = {auto_tap_matmul_dtype(w.new_empty(1, w.shape[1], 1, 1), w) for w in wide}
+            if torch.bfloat16 in chosen:
+                parts.append("wide Conv2dCaps as bfloat16 tap products with float32 sums")
+            elif torch.float32 in chosen:
+                parts.append(
+                    "wide Conv2dCaps in float32 (this CPU has no bf16 instructions: bf16 would "
+                    "be emulated, slower than float32)"
+                )
     parts.append("routing, squash and losses in float32")
     return "; ".join(parts)
 

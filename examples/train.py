@@ -340,7 +340,11 @@ def _run(
         f"({device_name}); data: {trainer.data_source}; {trainer.train_images.shape[0]} train / "
         f"{trainer.test_images.shape[0]} test images"
     )
-    log(precision_summary(trainer.model, trainer.amp, trainer.device, requested=args.amp))
+    log(
+        precision_summary(
+            trainer.model, trainer.amp, trainer.device, requested=args.amp, compiled=args.compile
+        )
+    )
     progress = sys.stderr.isatty() and not args.quiet and dist_info.main
     history = []
     while trainer.epoch < args.epochs:

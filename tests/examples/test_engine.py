@@ -135,6 +135,10 @@ def test_precision_summary_says_what_runs_in_which_precision(
     wide = "wide Conv2dCaps as bfloat16 tap products with float32 sums"
     assert (wide in said) == bf16_instructions
     assert ("wide Conv2dCaps in float32" in said) == (not bf16_instructions)
+    compiled = engine.precision_summary(model, "bf16", cpu, compiled=True)
+    assert "wide Conv2dCaps as torch's convolution in bf16 (compiled)" in compiled
+    native = get_model("capsnet_mnist", conv_impl="native")
+    assert "Conv2dCaps" not in engine.precision_summary(native, "bf16", cpu)
     # A model without a wide convolution (Efficient-CapsNet's is depthwise) says nothing of it.
     assert "Conv2dCaps" not in engine.precision_summary(
         get_model("efficient_capsnet_mnist"), "bf16", cpu
