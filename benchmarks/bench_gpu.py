@@ -109,25 +109,10 @@ class Run:
         self.ctx.model.train()
         self.batch_size = tr.args.batch_size
         self.num_parameters = tr.num_parameters
-        self._batches = iter(())
-
-    def _next_index(self) -> torch.Tensor:
-        tr = self.trainer
-        index = next(self._batches, None)
-        if index is None:
-            self._batches = self.engine.train_batches(
-                tr.train_images.shape[0], self.batch_size, tr.generator
-            )
-            index = next(self._batches)
-        return index
+        self._batches = tr.batches()
 
     def step(self) -> None:
-        tr = self.trainer
-        x, y = tr.task.train_batch(
-            tr.train_images, tr.train_labels, self._next_index(), tr.generator, 0, 1
-        )
-        x = x.contiguous(memory_format=tr.memory_format)
-        self.engine.train_step(self.ctx, x, y)
+        self.trainer.step(next(self._batches), self.ctx)
 
 
 def measure(model: str, config: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -9,11 +9,11 @@ What one training step is, per configuration (all include the data pipeline):
 - ``torchcaps-*``: the MNIST example's own harness (``examples/engine.py``): an
   ``engine.Trainer`` built from ``mnist_capsnet.parse_args`` with ``--embedded-sample`` (uint8
   digits held as one tensor on the device) and the configuration's ``--amp``,
-  ``--channels-last``, ``--conv-impl`` and ``--compile``; a step is one batch of indices from
-  ``engine.train_batches``, ``engine.augmented_batch`` (the recipe's augmentation) and
-  ``engine.train_step`` on the trainer's ``step_context`` (``capsnet_mnist`` under the
-  configured autocast, the recipe's ``CapsuleLoss``, backward, the Adam and schedule steps), the
-  calls ``engine.train_one_epoch`` makes. ``-cl`` = channels_last, ``-bf16`` =
+  ``--channels-last``, ``--conv-impl`` and ``--compile``; a step is ``Trainer.step`` on the
+  next batch of ``Trainer.batches()``: the recipe's augmented batch and ``engine.train_step``
+  on the trainer's ``step_context`` (``capsnet_mnist`` under the configured autocast, the
+  recipe's ``CapsuleLoss``, backward, the Adam and schedule steps), the calls
+  ``engine.train_one_epoch`` makes (``engine.task_step``). ``-cl`` = channels_last, ``-bf16`` =
   ``torch.autocast(device, torch.bfloat16)`` (``--amp bf16``, which on a CPU without bf16
   instructions runs float32: the "no slower than fp32" target of that class), ``-compile`` =
   ``torch.compile`` of the model (``--compile``), ``-native`` = PrimaryCaps with
@@ -150,11 +150,6 @@ def prepare(s: argparse.Namespace, names: list[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Worker side (the example's modules come from examples/ on the workers' PYTHONPATH)
 # --------------------------------------------------------------------------------------------
-def _endless(make: Callable[[], Iterator[Any]]) -> Iterator[Any]:
-    while True:
-        yield from make()
-
-
 class Workload:
     """One configuration's training step and evaluation batch, built inside a worker."""
 
@@ -206,23 +201,13 @@ class TorchcapsWorkload(Workload):
         self.ctx.model.train()
         self.eval_batch_size = s.eval_batch_size
         self.num_parameters = tr.num_parameters
-        n = tr.train_images.shape[0]
-        self.batches = _endless(lambda: engine.train_batches(n, s.batch_size, tr.generator))
+        self.batches = tr.batches()
         reps = math.ceil(s.eval_batch_size / tr.test_images.shape[0])
         self.test_images = tr.test_images.repeat(reps, 1, 1)[: s.eval_batch_size]
         self.test_labels = tr.test_labels.repeat(reps)[: s.eval_batch_size]
 
     def train_step(self) -> float:
-        tr = self.trainer
-        x, y = self.engine.augmented_batch(
-            tr.train_images,
-            tr.train_labels,
-            next(self.batches),
-            augment=tr.recipe.augment,
-            generator=tr.generator,
-            memory_format=tr.memory_format,
-        )
-        return float(self.engine.train_step(self.ctx, x, y))
+        return float(self.trainer.step(next(self.batches), self.ctx))
 
     def eval_batch(self) -> int:
         metrics = self.engine.evaluate(

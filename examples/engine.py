@@ -176,22 +176,6 @@ def train_step(ctx: StepContext, images: Tensor, labels: Any) -> Tensor:
     return loss.detach()
 
 
-def augmented_batch(
-    images: Tensor,
-    labels: Tensor,
-    index: Tensor,
-    *,
-    augment: Augment,
-    generator: torch.Generator,
-    memory_format: torch.memory_format,
-    rank: int = 0,
-    world: int = 1,
-) -> tuple[Tensor, Tensor]:
-    """The training batch ``index`` of uint8 ``images``: scaled to [0, 1], augmented."""
-    x, y = Classification(augment).train_batch(images, labels, index, generator, rank, world)
-    return x.contiguous(memory_format=memory_format), y
-
-
 class Classification:
     """The :class:`~presets.Task` of a recipe without one: batch ``index`` is the augmented
     ``(images[index], labels[index])``, the labels are the model's target, and the evaluation
@@ -236,6 +220,24 @@ class Classification:
         )
 
 
+def task_step(
+    ctx: StepContext,
+    task: Task,
+    images: Tensor,
+    labels: Tensor,
+    index: Tensor,
+    *,
+    generator: torch.Generator,
+    memory_format: torch.memory_format,
+    rank: int = 0,
+    world: int = 1,
+) -> Tensor:
+    """One training step on batch ``index`` of the uint8 split: the task's batch, in
+    ``memory_format``, through :func:`train_step` (the loss, detached, not synchronised)."""
+    x, y = task.train_batch(images, labels, index, generator, rank, world)
+    return train_step(ctx, x.contiguous(memory_format=memory_format), y)
+
+
 def train_one_epoch(
     ctx: StepContext,
     images: Tensor,
@@ -277,8 +279,17 @@ def train_one_epoch(
             break
         if set_step is not None:
             set_step(first_step + step, steps)
-        x, y = task.train_batch(images, labels, index, generator, rank, world)
-        loss = train_step(ctx, x.contiguous(memory_format=memory_format), y)
+        loss = task_step(
+            ctx,
+            task,
+            images,
+            labels,
+            index,
+            generator=generator,
+            memory_format=memory_format,
+            rank=rank,
+            world=world,
+        )
         total += loss
         seen += 1
         if (step + 1) % log_interval == 0 or step + 1 == steps:
@@ -593,6 +604,33 @@ class Trainer:
                 f"so {args.out_dir / 'last.pt'} (if any) holds the last good epoch: lower --lr, "
                 "try --amp none, or resume from it with --resume"
             ) from exc
+
+    def batches(self) -> Iterator[Tensor]:
+        """This process's batch indices, epoch after epoch without end, each epoch shuffled by
+        the run's generator (what the benchmarks step through)."""
+        while True:
+            yield from train_batches(
+                self.train_images.shape[0],
+                self.args.batch_size,
+                self.generator,
+                self.dist.rank,
+                self.dist.world,
+            )
+
+    def step(self, index: Tensor, ctx: StepContext | None = None) -> Tensor:
+        """One training step on batch ``index`` (:func:`task_step`), through ``ctx`` (default:
+        the trainer's own step context; a benchmark passes one with a compiled model)."""
+        return task_step(
+            ctx if ctx is not None else self.step_context,
+            self.task,
+            self.train_images,
+            self.train_labels,
+            index,
+            generator=self.generator,
+            memory_format=self.memory_format,
+            rank=self.dist.rank,
+            world=self.dist.world,
+        )
 
     def evaluate(self) -> dict[str, float]:
         """The task's evaluation on the test set (:func:`evaluate` for classification)."""
