@@ -35,7 +35,7 @@ from torch import Tensor
 import mnist_capsnet
 import train
 from augment import CanvasShift
-from engine import Classification, StepContext, evaluate
+from engine import Classification, PerDataset, StepContext, evaluate
 from presets import LossFn, Recipe, add_flag, capsule_loss
 from torchcaps.datasets import affine_mnist, pad_to_canvas
 from torchcaps.models import CapsuleOutput
@@ -51,15 +51,12 @@ class AffineTask(Classification):
     def __init__(self, max_shift: int = 2, affine_seed: int = 0) -> None:
         super().__init__(CanvasShift(CANVAS, max_shift), partial(pad_to_canvas, canvas=CANVAS))
         self.affine_seed = affine_seed
-        self._affine: tuple[Tensor, Tensor] | None = None
+        self.affine_set = PerDataset(self._make_affine_set)
 
-    def affine_set(self, images: Tensor, labels: Tensor) -> Tensor:
-        """The affNIST-style images of the uint8 test digits, uint8 (N, 1, 40, 40), made once."""
-        if self._affine is None or self._affine[0] is not images:
-            made = affine_mnist(images, labels, seed=self.affine_seed, canvas=CANVAS)
-            quantised = (made.images * 255).round().to(torch.uint8)
-            self._affine = (images, quantised)
-        return self._affine[1]
+    def _make_affine_set(self, images: Tensor, labels: Tensor) -> Tensor:
+        """The affNIST-style images of the uint8 test digits, uint8 (N, 1, 40, 40)."""
+        made = affine_mnist(images, labels, seed=self.affine_seed, canvas=CANVAS)
+        return (made.images * 255).round().to(torch.uint8)
 
     def evaluate(
         self,

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -174,6 +174,23 @@ def train_step(ctx: StepContext, images: Tensor, labels: Any) -> Tensor:
     if ctx.scheduler is not None:
         ctx.scheduler.step()
     return loss.detach()
+
+
+T = TypeVar("T")
+
+
+class PerDataset(Generic[T]):
+    """What a task derives from a dataset's tensors (a test set, a pair generator), built by
+    ``build(images, labels)`` on first use and again only for other tensors (by identity)."""
+
+    def __init__(self, build: Callable[[Tensor, Tensor], T]) -> None:
+        self.build = build
+        self._made: tuple[Tensor, T] | None = None
+
+    def __call__(self, images: Tensor, labels: Tensor) -> T:
+        if self._made is None or self._made[0] is not images:
+            self._made = (images, self.build(images, labels))
+        return self._made[1]
 
 
 class Classification:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -28,7 +29,7 @@ from torch import Tensor
 
 import mnist_capsnet
 import train
-from engine import StepContext, autocast_context, evaluation_metrics
+from engine import PerDataset, StepContext, autocast_context, evaluation_metrics
 from presets import CapsuleLoss, Recipe, add_flag, capsule_loss
 from torchcaps import MarginLoss
 from torchcaps.datasets import MultiMNIST, MultiMNISTBatches
@@ -60,8 +61,8 @@ class MultiMNISTTask:
         self.test_pairs = test_pairs
         self.test_seed = test_seed
         self.margin = MarginLoss()
-        self._train: tuple[Tensor, MultiMNISTBatches] | None = None
-        self._test: tuple[Tensor, MultiMNIST] | None = None
+        self._train = PerDataset(partial(MultiMNISTBatches, canvas=CANVAS, max_shift=MAX_SHIFT))
+        self.test_set = PerDataset(self._make_test_set)
 
     def train_batch(
         self,
@@ -72,14 +73,9 @@ class MultiMNISTTask:
         rank: int,
         world: int,
     ) -> tuple[Tensor, PairTarget]:
-        if self._train is None or self._train[0] is not images:
-            self._train = (
-                images,
-                MultiMNISTBatches(images, labels, canvas=CANVAS, max_shift=MAX_SHIFT),
-            )
         b = index.shape[0]
         # pairs for the global batch, this rank's slice (as the examples' augmentations)
-        pairs = self._train[1].sample(b * world, generator)
+        pairs = self._train(images, labels).sample(b * world, generator)
         part = slice(rank * b, (rank + 1) * b)
         target = PairTarget(pairs.labels[part], pairs.target[part], pairs.components[part])
         return pairs.image[part], target
@@ -87,18 +83,15 @@ class MultiMNISTTask:
     def model_target(self, target: PairTarget) -> Tensor:
         return target.labels
 
-    def test_set(self, images: Tensor, labels: Tensor) -> MultiMNIST:
-        if self._test is None or self._test[0] is not images:
-            pairs = MultiMNIST(
-                images,
-                labels,
-                canvas=CANVAS,
-                max_shift=MAX_SHIFT,
-                seed=self.test_seed,
-                length=self.test_pairs * images.shape[0],
-            )
-            self._test = (images, pairs)
-        return self._test[1]
+    def _make_test_set(self, images: Tensor, labels: Tensor) -> MultiMNIST:
+        return MultiMNIST(
+            images,
+            labels,
+            canvas=CANVAS,
+            max_shift=MAX_SHIFT,
+            seed=self.test_seed,
+            length=self.test_pairs * images.shape[0],
+        )
 
     @torch.no_grad()
     def evaluate(

@@ -165,3 +165,21 @@ def test_bf16_falls_back_to_float32_where_it_would_be_emulated(
     assert trainer.amp == trainer.step_context.amp == expected
     said = engine.precision_summary(trainer.model, trainer.amp, cpu, requested="bf16")
     assert ("asked for, but this CPU has no bf16 instructions" in said) == (not bf16_instructions)
+
+
+def test_per_dataset_builds_once_per_source_tensors() -> None:
+    calls: list[tuple[int, int]] = []
+
+    def build(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        calls.append((images.shape[0], labels.shape[0]))
+        return images * 2
+
+    made = engine.PerDataset(build)
+    a, a_labels = torch.arange(3.0), torch.arange(3)
+    first = made(a, a_labels)
+    assert made(a, a_labels) is first
+    assert calls == [(3, 3)]
+    b = a.clone()  # equal values, another tensor: built again
+    assert made(b, a_labels) is not first
+    torch.testing.assert_close(made(b, a_labels), a * 2)
+    assert calls == [(3, 3), (3, 3)]
