@@ -791,10 +791,12 @@ def read_metrics(metrics_path: str | Path) -> list[dict[str, Any]]:
 def plot_curves(metrics_path: str | Path, path: str | Path) -> Path:
     """Training curves from the example's ``metrics.jsonl``: 1000 x 400 pixels.
 
-    Left: test accuracy (%) per epoch, with the final and the best epoch named in the title.
-    Right: train and test loss per epoch (log scale when all are positive). The train loss is
-    the mean over the epoch's steps (shifted, training-mode inputs), the test loss is measured
-    after the epoch.
+    Left: test accuracy (%) per epoch, with the last recorded and the best epoch named in the
+    title ("last", not "final": the file of a stopped run ends before its schedule does).
+    Right: train and test loss per epoch (log scale when all are positive), each the recipe's
+    own (the title does not name its terms: they differ between recipes). The train loss is the
+    mean over the epoch's steps (shifted, training-mode inputs), the test loss is measured after
+    the epoch.
 
     Args:
         metrics_path: the run's ``metrics.jsonl``.
@@ -820,7 +822,7 @@ def plot_curves(metrics_path: str | Path, path: str | Path) -> Path:
         best_acc, best_epoch = max(finite, key=lambda t: (t[0], -t[1]))
         ax.plot([best_epoch], [best_acc], marker="*", markersize=10, color=WRONG, linestyle="")
         ax.set_title(
-            f"test accuracy: final {acc[-1]:.2f}% (epoch {epochs[-1]}), "
+            f"test accuracy: last {acc[-1]:.2f}% (epoch {epochs[-1]}), "
             f"best {best_acc:.2f}% (epoch {best_epoch})",
             fontsize=9,
         )
@@ -834,7 +836,7 @@ def plot_curves(metrics_path: str | Path, path: str | Path) -> Path:
     values = [v for v in train + test if math.isfinite(v)]
     if values and min(values) > 0:
         ax2.set_yscale("log")
-    ax2.set_title("loss (margin + reconstruction)", fontsize=9)
+    ax2.set_title("train and test loss", fontsize=9)
     ax2.set_xlabel("epoch", fontsize=9)
     ax2.set_ylabel("loss", fontsize=9)
     ax2.legend(fontsize=8)
