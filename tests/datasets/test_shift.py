@@ -149,5 +149,7 @@ def test_pad_to_canvas_bad_input() -> None:
         pad_to_canvas(torch.zeros(1, 28, 28), 27)
     with pytest.raises(ValueError, match=r"images must be a tensor of shape \(N, \*, H, W\)"):
         pad_to_canvas(torch.zeros(28, 28), 40)
+    with pytest.raises(TypeError, match="images must be a torch.Tensor, got list"):
+        pad_to_canvas([[0.0]], 40)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="canvas"):
         pad_to_canvas(torch.zeros(1, 28, 28), 40.0)  # type: ignore[arg-type]

@@ -41,9 +41,12 @@ def translate(images: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
                  [5, 6, 0]]])
     """
     owner = "translate"
-    if not isinstance(images, Tensor) or images.dim() < 3:
-        got = shape_str(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"{owner}: images must be a tensor of shape (N, *, H, W), got {got}")
+    if not isinstance(images, Tensor):
+        raise TypeError(f"{owner}: images must be a torch.Tensor, got {type(images).__name__}")
+    if images.dim() < 3:
+        raise ValueError(
+            f"{owner}: images must be a tensor of shape (N, *, H, W), got {shape_str(images.shape)}"
+        )
     b, h, w = images.shape[0], images.shape[-2], images.shape[-1]
     for name, t in (("dy", dy), ("dx", dx)):
         if not isinstance(t, Tensor) or t.is_floating_point() or tuple(t.shape) != (b,):
@@ -84,9 +87,12 @@ def pad_to_canvas(images: Tensor, canvas: int) -> Tensor:
         (torch.Size([2, 1, 40, 40]), 784.0, 1568.0)
     """
     owner = "pad_to_canvas"
-    if not isinstance(images, Tensor) or images.dim() < 3:
-        got = shape_str(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"{owner}: images must be a tensor of shape (N, *, H, W), got {got}")
+    if not isinstance(images, Tensor):
+        raise TypeError(f"{owner}: images must be a torch.Tensor, got {type(images).__name__}")
+    if images.dim() < 3:
+        raise ValueError(
+            f"{owner}: images must be a tensor of shape (N, *, H, W), got {shape_str(images.shape)}"
+        )
     canvas = check_int("canvas", canvas, owner=owner)
     h, w = images.shape[-2], images.shape[-1]
     if canvas < max(h, w):
