@@ -788,11 +788,25 @@ def read_metrics(metrics_path: str | Path) -> list[dict[str, Any]]:
     return [records[e] for e in sorted(records)]
 
 
+def accuracy_series(records: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
+    """Each test set's accuracy (%) per record: ``test`` first, then every further
+    ``<name>_accuracy`` of the records (a task's other test sets, e.g. ``affine``), in the order
+    first seen; NaN where a record lacks it. ``best_*`` running maxima are not series."""
+    names = ["test"]
+    for r in records:
+        for key in r:
+            name = key.removesuffix("_accuracy")
+            if key.endswith("_accuracy") and not key.startswith("best_") and name not in names:
+                names.append(name)
+    return {n: [float(r.get(n + "_accuracy", math.nan)) for r in records] for n in names}
+
+
 def plot_curves(metrics_path: str | Path, path: str | Path) -> Path:
     """Training curves from the example's ``metrics.jsonl``: 1000 x 400 pixels.
 
     Left: test accuracy (%) per epoch, with the last recorded and the best epoch named in the
-    title ("last", not "final": the file of a stopped run ends before its schedule does).
+    title ("last", not "final": the file of a stopped run ends before its schedule does), and
+    the accuracy on a task's further test sets (:func:`accuracy_series`) beside it.
     Right: train and test loss per epoch (log scale when all are positive), each the recipe's
     own (the title does not name its terms: they differ between recipes). The train loss is the
     mean over the epoch's steps (shifted, training-mode inputs), the test loss is measured after
@@ -813,10 +827,16 @@ def plot_curves(metrics_path: str | Path, path: str | Path) -> Path:
     def series(key: str) -> list[float]:
         return [float(r.get(key, float("nan"))) for r in records]
 
-    acc = series("test_accuracy")
+    accuracies = accuracy_series(records)
+    acc = accuracies["test"]
     canvas = _Canvas(*CURVES_SIZE)
     ax = canvas.axes(70, 45, 380, 300)
-    ax.plot(epochs, acc, marker="o", markersize=3, color="#1f77b4")
+    ax.plot(epochs, acc, marker="o", markersize=3, color="#1f77b4", label="test")
+    others = ("#2ca02c", "#9467bd", "#8c564b", "#e377c2")
+    for k, (name, values) in enumerate(list(accuracies.items())[1:]):
+        ax.plot(epochs, values, marker="s", markersize=3, label=name, color=others[k % 4])
+    if len(accuracies) > 1:
+        ax.legend(fontsize=8)
     finite = [(a, e) for a, e in zip(acc, epochs) if math.isfinite(a)]
     if finite:
         best_acc, best_epoch = max(finite, key=lambda t: (t[0], -t[1]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -121,6 +122,17 @@ def test_curves(tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(vis.VisualizeError, match="no epoch records"):
         vis.plot_curves(tmp_path / "empty.jsonl", tmp_path / "x.png")
+
+
+def test_accuracy_series_lists_every_test_set_but_not_running_bests() -> None:
+    records = [
+        {"epoch": 1, "test_accuracy": 98.0, "best_test_accuracy": 98.0},
+        {"epoch": 2, "test_accuracy": 99.0, "affine_accuracy": 40.0, "best_test_accuracy": 99.0},
+    ]
+    series = vis.accuracy_series(records)
+    assert list(series) == ["test", "affine"]
+    assert series["test"] == [98.0, 99.0]
+    assert math.isnan(series["affine"][0]) and series["affine"][1] == 40.0
 
 
 def test_reconstruction_figures_need_a_decoder(sample, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
