@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import json
 import os
+import platform
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -151,6 +152,18 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The model inside ``torch.compile`` and ``DistributedDataParallel`` wrappers."""
     model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform`` where there is none), for logs
+    and the run's ``config.json``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -32,6 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from runtime import cpu_model
+
 
 @dataclass(frozen=True)
 class SeedRun:
@@ -42,6 +44,7 @@ class SeedRun:
     epochs_total: int
     final_accuracy: float | None
     best_accuracy: float | None
+    ran_on: str = "-"
 
     @property
     def complete(self) -> bool:
@@ -54,26 +57,34 @@ def read_run(seed: int, directory: Path, epochs: int | None = None) -> SeedRun:
     ``epochs=None``: the total its ``config.json`` recorded (0 when there is none).
     """
     total = epochs or 0
-    config = directory / "config.json"
-    if epochs is None and config.is_file():
-        total = int(json.loads(config.read_text()).get("epochs", 0))
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if epochs is None:
+        total = int(config.get("epochs", 0))
+    ran_on = "; ".join(
+        f"{part.get('device_name', '?')} from {part.get('started_utc', '?')} "
+        f"(epoch {part.get('from_epoch', 0)})"
+        for part in config.get("sessions") or []
+    )
     metrics = directory / "metrics.jsonl"
     rows = []
     if metrics.is_file():
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     if not rows:
-        return SeedRun(seed, 0, total, None, None)
+        return SeedRun(seed, 0, total, None, None, ran_on or "-")
     last = rows[-1]
     best = max(float(r["test_accuracy"]) for r in rows)
-    return SeedRun(seed, int(last["epoch"]), total, float(last["test_accuracy"]), best)
+    final = float(last["test_accuracy"])
+    return SeedRun(seed, int(last["epoch"]), total, final, best, ran_on or "-")
 
 
-def summary(runs: Sequence[SeedRun]) -> tuple[float, float] | None:
-    """Mean and sample standard deviation of the complete runs' final accuracy (None if < 1)."""
+def summary(runs: Sequence[SeedRun]) -> tuple[float, float | None] | None:
+    """Mean and sample standard deviation of the complete runs' final accuracy (None if none
+    is complete; the deviation is None for one complete run, which has no spread)."""
     finals = [r.final_accuracy for r in runs if r.complete and r.final_accuracy is not None]
     if not finals:
         return None
-    spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
+    spread = statistics.stdev(finals) if len(finals) > 1 else None
     return statistics.fmean(finals), spread
 
 
@@ -86,24 +97,28 @@ def markdown(name: str, runs: Sequence[SeedRun], command: str, machine: str, com
         lines.append(f"**Partial: none of the {len(runs)} seeds has finished. Not a result.**")
     else:
         mean, std = stats
-        head = f"**Final epoch, mean +- std over {len(done)} seed(s): {mean:.2f}% +- {std:.2f}**"
+        if std is None:
+            head = f"**Final epoch, one seed: {mean:.2f}% (no spread from one run)**"
+        else:
+            head = f"**Final epoch, mean +- std over {len(done)} seeds: {mean:.2f}% +- {std:.2f}**"
         if len(done) < len(runs):
             head += f" (partial: {len(runs) - len(done)} of {len(runs)} seeds not finished)"
-        lines.append(head + ". Standard deviation with n - 1.")
+        lines.append(head + (". Standard deviation with n - 1." if std is not None else "."))
     lines += [
         "",
-        "| seed | epochs | final test acc (%) | best test acc (%) |",
-        "|---|---|---|---|",
+        "| seed | epochs | final test acc (%) | best test acc (%) | ran on (its config.json) |",
+        "|---|---|---|---|---|",
     ]
     for r in runs:
         final = "-" if r.final_accuracy is None else f"{r.final_accuracy:.2f}"
         best = "-" if r.best_accuracy is None else f"{r.best_accuracy:.2f}"
         state = f"{r.epochs_done} of {r.epochs_total}" + ("" if r.complete else " (partial)")
-        lines.append(f"| {r.seed} | {state} | {final} | {best} |")
+        lines.append(f"| {r.seed} | {state} | {final} | {best} | {r.ran_on} |")
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines += [
         "",
-        f"Command: `{command}`; machine: {machine}; torchcaps commit {commit}; written {date}.",
+        f"Command: `{command}`; this summary written on {machine}, torchcaps commit {commit}, "
+        f"{date} (each seed's own machine and start: the last column).",
         "The best epoch is chosen on the test set, for comparison only.",
         f"<!-- /seed-sweep:{name} -->",
     ]
@@ -124,15 +139,7 @@ def write_section(path: Path, name: str, section: str) -> None:
 
 
 def _machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {platform.system()}"
+    return f"{cpu_model()}, {platform.system()}"
 
 
 def _commit() -> str:

@@ -12,12 +12,14 @@ own flags. A run writes ``metrics.jsonl``, ``config.json``, ``last.pt`` and ``be
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from runtime import (
     Dist,
     atomic_save,
     checkpoint_model,
+    cpu_model,
     load_checkpoint,
     setup_distributed,
     truncate_metrics,
@@ -297,6 +300,18 @@ def _resume(trainer: Trainer, path: Path, log: Callable[..., Any]) -> None:
     trainer.load_state_dict(state)
 
 
+def _sessions(config: Path, resume: bool, epoch: int, device_name: str) -> list[dict[str, Any]]:
+    """The run's invocations for ``config.json``: those it recorded before (on ``--resume``)
+    and this one (its start in UTC, its device, the epoch it starts from), so that a run
+    carried across machines says where each part ran."""
+    before: list[dict[str, Any]] = []
+    if resume and config.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            before = list(json.loads(config.read_text()).get("sessions") or [])
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return [*before, {"started_utc": now, "device_name": device_name, "from_epoch": epoch}]
+
+
 def _run(
     args: argparse.Namespace, recipe: Recipe, log: Callable[..., Any], dist_info: Dist
 ) -> list[dict[str, Any]]:
@@ -314,9 +329,7 @@ def _run(
     elif dist_info.main and metrics_path.exists():
         metrics_path.unlink()
     device_name = (
-        torch.cuda.get_device_name(trainer.device)
-        if trainer.device.type == "cuda"
-        else platform.processor() or platform.machine()
+        torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else cpu_model()
     )
     if dist_info.main:
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -332,6 +345,7 @@ def _run(
             num_threads=torch.get_num_threads(),
             num_parameters=trainer.num_parameters,
             python=platform.python_version(),
+            sessions=_sessions(out / "config.json", args.resume, trainer.epoch, device_name),
         )
         write_json(out / "config.json", config)
     log(

@@ -36,8 +36,13 @@ def test_a_sweep_runs_every_seed_then_resumes_and_reports(tmp_path: Path) -> Non
     text = page.read_text()
     assert text.startswith("# Results\n\nsomething before\n")
     assert text.count("<!-- seed-sweep:tiny -->") == 1  # replaced, not appended twice
-    assert f"mean +- std over 2 seed(s): {mean:.2f}% +- {std:.2f}" in text
+    assert f"mean +- std over 2 seeds: {mean:.2f}% +- {std:.2f}" in text
     assert "| 3 | 2 of 2 |" in text and "--seeds 3 4" in text
+    # each seed's config.json lists its two invocations: the start and the resume at epoch 1
+    sessions = json.loads((out / "seed_3" / "config.json").read_text())["sessions"]
+    assert [part["from_epoch"] for part in sessions] == [0, 1]
+    assert second[0].ran_on.count(" from ") == 2 and "(epoch 1)" in second[0].ran_on
+    assert second[0].ran_on in text
     # report only: nothing trains, the same numbers
     again = seed_sweep.sweep([*common, "--report-only"], log=quiet)
     assert again == second
@@ -51,8 +56,13 @@ def test_partial_seeds_are_listed_but_not_counted(tmp_path: Path) -> None:
     ]
     assert seed_sweep.summary(runs) == pytest.approx((99.6, statistics.stdev([99.5, 99.7])))
     text = seed_sweep.markdown("x", runs, "cmd", "cpu", "abc1234")
-    assert "over 2 seed(s): 99.60% +- 0.14** (partial: 1 of 3 seeds not finished)" in text
-    assert "| 3 | 4 of 10 (partial) | 98.00 | 98.00 |" in text
+    assert "over 2 seeds: 99.60% +- 0.14** (partial: 1 of 3 seeds not finished)" in text
+    assert "| 3 | 4 of 10 (partial) | 98.00 | 98.00 | - |" in text
+    # one complete seed has a mean but no spread
+    assert seed_sweep.summary(runs[1:]) == (99.7, None)
+    one = seed_sweep.markdown("x", runs[1:], "cmd", "cpu", "abc1234")
+    assert "**Final epoch, one seed: 99.70% (no spread from one run)** (partial: 1 of 2" in one
+    assert "+-" not in one
     assert seed_sweep.summary(runs[2:]) is None
     assert "none of the 1 seeds has finished" in seed_sweep.markdown("x", runs[2:], "c", "m", "k")
     assert seed_sweep.read_run(5, tmp_path / "absent") == seed_sweep.SeedRun(5, 0, 0, None, None)
