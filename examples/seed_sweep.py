@@ -113,6 +113,8 @@ def markdown(name: str, runs: Sequence[SeedRun], command: str, machine: str, com
         final = "-" if r.final_accuracy is None else f"{r.final_accuracy:.2f}"
         best = "-" if r.best_accuracy is None else f"{r.best_accuracy:.2f}"
         state = f"{r.epochs_done} of {r.epochs_total}" + ("" if r.complete else " (partial)")
+        if r.epochs_done == 0:
+            state = f"not started (0 of {r.epochs_total})"
         lines.append(f"| {r.seed} | {state} | {final} | {best} | {r.ran_on} |")
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines += [

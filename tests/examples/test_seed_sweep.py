@@ -58,6 +58,8 @@ def test_partial_seeds_are_listed_but_not_counted(tmp_path: Path) -> None:
     text = seed_sweep.markdown("x", runs, "cmd", "cpu", "abc1234")
     assert "over 2 seeds: 99.60% +- 0.14** (partial: 1 of 3 seeds not finished)" in text
     assert "| 3 | 4 of 10 (partial) | 98.00 | 98.00 | - |" in text
+    waiting = seed_sweep.markdown("x", [seed_sweep.SeedRun(7, 0, 15, None, None)], "c", "m", "k")
+    assert "| 7 | not started (0 of 15) | - | - | - |" in waiting
     # one complete seed has a mean but no spread
     assert seed_sweep.summary(runs[1:]) == (99.7, None)
     one = seed_sweep.markdown("x", runs[1:], "cmd", "cpu", "abc1234")
