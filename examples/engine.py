@@ -12,7 +12,7 @@ import argparse
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -370,6 +370,19 @@ def evaluation_metrics(
         "test_samples": n,
         "test_images_per_second": n / seconds if seconds > 0 else math.nan,
     }
+
+
+def accuracy_series(records: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
+    """Each test set's accuracy (%) per record: ``test`` first, then every further
+    ``<name>_accuracy`` of the records (a task's other test sets, e.g. ``affine``), in the order
+    first seen; NaN where a record lacks it. ``best_*`` running maxima are not series."""
+    names = ["test"]
+    for r in records:
+        for key in r:
+            name = key.removesuffix("_accuracy")
+            if key.endswith("_accuracy") and not key.startswith("best_") and name not in names:
+                names.append(name)
+    return {n: [float(r.get(n + "_accuracy", math.nan)) for r in records] for n in names}
 
 
 def cosine_factor(step: int, total_steps: int, min_factor: float) -> float:

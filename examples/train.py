@@ -31,7 +31,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
 
-from engine import NonFiniteLossError, Trainer, precision_summary
+from engine import NonFiniteLossError, Trainer, accuracy_series, precision_summary
 from loaders import DATA_DIR_HELP, DataError
 from presets import Recipe, add_flag
 from runtime import (
@@ -383,9 +383,9 @@ def _run(
         history.append(record)
         # a task's further test sets (e.g. affine_accuracy) after the test set's figures
         more = "".join(
-            f"  {key.removesuffix('_accuracy')} acc {value:.2f}%"
-            for key, value in ev.items()
-            if key.endswith("_accuracy") and key != "test_accuracy"
+            f"  {name} acc {values[0]:.2f}%"
+            for name, values in accuracy_series([ev]).items()
+            if name != "test"
         )
         log(
             f"epoch {trainer.epoch:3d}  train loss {tr['train_loss']:.5f}  "

@@ -82,7 +82,7 @@ from torch import Tensor, nn
 
 import loaders
 import runtime
-from engine import to_input
+from engine import accuracy_series, to_input
 from torchcaps.datasets import MultiMNIST
 
 DPI = 100  # 1 inch = 100 pixels; every layout below is given in pixels.
@@ -788,25 +788,12 @@ def read_metrics(metrics_path: str | Path) -> list[dict[str, Any]]:
     return [records[e] for e in sorted(records)]
 
 
-def accuracy_series(records: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
-    """Each test set's accuracy (%) per record: ``test`` first, then every further
-    ``<name>_accuracy`` of the records (a task's other test sets, e.g. ``affine``), in the order
-    first seen; NaN where a record lacks it. ``best_*`` running maxima are not series."""
-    names = ["test"]
-    for r in records:
-        for key in r:
-            name = key.removesuffix("_accuracy")
-            if key.endswith("_accuracy") and not key.startswith("best_") and name not in names:
-                names.append(name)
-    return {n: [float(r.get(n + "_accuracy", math.nan)) for r in records] for n in names}
-
-
 def plot_curves(metrics_path: str | Path, path: str | Path) -> Path:
     """Training curves from the example's ``metrics.jsonl``: 1000 x 400 pixels.
 
     Left: test accuracy (%) per epoch, with the last recorded and the best epoch named in the
     title ("last", not "final": the file of a stopped run ends before its schedule does), and
-    the accuracy on a task's further test sets (:func:`accuracy_series`) beside it.
+    the accuracy on a task's further test sets (:func:`engine.accuracy_series`) beside it.
     Right: train and test loss per epoch (log scale when all are positive), each the recipe's
     own (the title does not name its terms: they differ between recipes). The train loss is the
     mean over the epoch's steps (shifted, training-mode inputs), the test loss is measured after
