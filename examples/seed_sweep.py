@@ -61,21 +61,24 @@ def read_run(seed: int, directory: Path, epochs: int | None = None) -> SeedRun:
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     if epochs is None:
         total = int(config.get("epochs", 0))
-    ran_on = "; ".join(
-        f"{part.get('device_name', '?')} from {part.get('started_utc', '?')} "
-        f"(epoch {part.get('from_epoch', 0)})"
-        for part in config.get("sessions") or []
+    ran_on = (
+        "; ".join(
+            f"{part.get('device_name', '?')} from {part.get('started_utc', '?')} "
+            f"(epoch {part.get('from_epoch', 0)})"
+            for part in config.get("sessions") or []
+        )
+        or "-"
     )
     metrics = directory / "metrics.jsonl"
     rows = []
     if metrics.is_file():
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     if not rows:
-        return SeedRun(seed, 0, total, None, None, ran_on or "-")
+        return SeedRun(seed, 0, total, None, None, ran_on)
     last = rows[-1]
     best = max(float(r["test_accuracy"]) for r in rows)
     final = float(last["test_accuracy"])
-    return SeedRun(seed, int(last["epoch"]), total, final, best, ran_on or "-")
+    return SeedRun(seed, int(last["epoch"]), total, final, best, ran_on)
 
 
 def summary(runs: Sequence[SeedRun]) -> tuple[float, float | None] | None:
@@ -112,9 +115,10 @@ def markdown(name: str, runs: Sequence[SeedRun], command: str, machine: str, com
     for r in runs:
         final = "-" if r.final_accuracy is None else f"{r.final_accuracy:.2f}"
         best = "-" if r.best_accuracy is None else f"{r.best_accuracy:.2f}"
-        state = f"{r.epochs_done} of {r.epochs_total}" + ("" if r.complete else " (partial)")
         if r.epochs_done == 0:
             state = f"not started (0 of {r.epochs_total})"
+        else:
+            state = f"{r.epochs_done} of {r.epochs_total}" + ("" if r.complete else " (partial)")
         lines.append(f"| {r.seed} | {state} | {final} | {best} | {r.ran_on} |")
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines += [
