@@ -112,7 +112,8 @@ def test_ci_script_runs_the_readme_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
     commands = [line for line in readme.splitlines() if line.endswith("&& .venv/bin/pytest")]
     assert len(commands) == 1, "the README has one test command"
-    assert commands[0] in (ROOT / ".ci" / "run").read_text().splitlines()
+    # In a subshell: under set -e, a failed install before the last '&&' would not stop CI.
+    assert f"({commands[0]})" in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
 # -- release -------------------------------------------------------------------------------------
