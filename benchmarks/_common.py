@@ -45,19 +45,14 @@ MB = 1024.0 * 1024.0
 # --------------------------------------------------------------------------------------------
 # Machine information
 # --------------------------------------------------------------------------------------------
-def _cpuinfo() -> tuple[str, set[str]]:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return model, flags
-    m = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-    if m:
-        model = m.group(1).strip()
-    f = re.search(r"^flags\s*:\s*(.+)$", text, re.MULTILINE)
-    if f:
-        flags = set(f.group(1).split())
-    return model, flags
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    # examples/runtime.py holds the one /proc/cpuinfo parser; the workers already import
+    # from examples/ (Spec.pythonpath), the driver does it here.
+    if str(EXAMPLES_DIR) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES_DIR))
+    from runtime import cpu_info
+
+    return cpu_info()
 
 
 def _git(*args: str) -> str:

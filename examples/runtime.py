@@ -154,16 +154,30 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; ``platform`` where there is none), for logs
-    and the run's ``config.json``."""
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and ISA flags, from the first processor in ``/proc/cpuinfo``
+    (``platform``'s name and no flags where there is none). The logs, the run's
+    ``config.json`` and the benchmarks' machine block all read them here."""
+    model, flags = "", frozenset[str]()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        lines = CPUINFO.read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        lines = []
+    for key, _, value in (line.partition(":") for line in lines):
+        key = key.strip()
+        if key == "model name" and not model:
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = frozenset(value.split())
+    return model or platform.processor() or platform.machine(), flags
+
+
+def cpu_model() -> str:
+    """The CPU's model name (see :func:`cpu_info`)."""
+    return cpu_info()[0]
 
 
 def write_json(path: Path, obj: Any) -> None:

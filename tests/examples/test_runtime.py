@@ -330,3 +330,25 @@ def test_keep_freed_memory_serves_large_blocks_from_the_heap() -> None:
     assert kept == "True"
     assert int(before) >= 64 << 20
     assert int(after) < 64 << 20
+
+
+def test_cpu_info_reads_the_first_processor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Test CPU @ 2.0GHz\nflags\t\t: fpu avx2 amx_bf16\n\n"
+        "processor\t: 1\nmodel name\t: Other CPU\nflags\t\t: fpu\n"
+    )
+    monkeypatch.setattr(runtime, "CPUINFO", cpuinfo)
+    assert runtime.cpu_info() == ("Test CPU @ 2.0GHz", frozenset({"fpu", "avx2", "amx_bf16"}))
+    assert runtime.cpu_model() == "Test CPU @ 2.0GHz"
+
+
+def test_cpu_info_without_proc_falls_back_to_platform(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runtime, "CPUINFO", tmp_path / "missing")
+    monkeypatch.setattr(runtime.platform, "processor", lambda: "")
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "riscv64")
+    assert runtime.cpu_info() == ("riscv64", frozenset())
