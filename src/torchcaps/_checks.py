@@ -51,7 +51,8 @@ def in_graph_capture() -> bool:
     """Whether the code runs under ``torch.jit`` tracing/scripting, ``torch.compile`` or export.
 
     The automatic CPU fast paths (``conv_impl="auto"``, ``batch_chunk="auto"``) step aside
-    then, so that captured graphs hold the plain operations.
+    then, so that captured graphs hold the plain operations (``conv_impl="auto"`` has its own
+    rule under ``torch.compile``).
     """
     return torch.jit.is_tracing() or torch.jit.is_scripting() or is_compiling() or is_exporting()
 

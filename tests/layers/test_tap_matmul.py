@@ -185,3 +185,66 @@ def test_cpu_has_bf16_instructions_reads_the_cpu_flags() -> None:
         assert cpu_has_bf16_instructions() is False
         return
     assert cpu_has_bf16_instructions() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+# -- torch.compile: the opaque operator ---------------------------------------------------------
+@pytest.mark.parametrize("config", CONFIGS[:3])
+def test_the_compile_operator_passes_opcheck(config: tuple) -> None:
+    # schema, fake (meta) shapes and strides, autograd registration, dynamic shapes
+    x, weight, bias = _inputs(config, torch.float32, channels_last=True)
+    stride, padding = list(config[6]), list(config[7])
+    args = (x.requires_grad_(), weight.requires_grad_(), bias, stride, padding)
+    torch.library.opcheck(torch.ops.torchcaps.tap_conv2d.default, args)
+    y = torch.ops.torchcaps.tap_conv2d(*args)
+    grad = torch.randn_like(y)
+    torch.library.opcheck(
+        torch.ops.torchcaps.tap_conv2d_backward.default,
+        (grad, x.detach(), weight.detach(), stride, padding, True, True),
+    )
+
+
+@pytest.mark.parametrize("padding", [0, 2])
+def test_compiled_wide_layer_runs_the_operator_and_matches_conv2d(padding: int) -> None:
+    """Under torch.compile a wide float32 layer computes its convolution with
+    torchcaps::tap_conv2d (no graph break), forward and backward as torch's convolution."""
+    from torchcaps import Conv2dCaps
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = Conv2dCaps(MIN_CHANNELS, 8, 32, 9, stride=2, padding=padding)
+    x = torch.randn(2, MIN_CHANNELS, 11, 11).contiguous(memory_format=torch.channels_last)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    xr = x.clone().requires_grad_()
+    y = compiled(xr)
+    assert len(graphs) == 1
+    targets = {node.target for node in graphs[0].graph.nodes}
+    assert torch.ops.torchcaps.tap_conv2d.default in targets, targets
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, (xr, layer.conv.weight, layer.conv.bias), grad)
+
+    native = Conv2dCaps(MIN_CHANNELS, 8, 32, 9, stride=2, padding=padding, conv_impl="native")
+    native.load_state_dict(layer.state_dict())
+    native = native.double()
+    xd = x.double().requires_grad_()
+    yd = native(xd)
+    expected = torch.autograd.grad(yd, (xd, native.conv.weight, native.conv.bias), grad.double())
+    torch.testing.assert_close(y.double(), yd, atol=1e-5, rtol=1e-4)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+
+
+def test_export_keeps_torchs_convolution() -> None:
+    """Exported graphs (ONNX, other runtimes) hold aten convolutions, not the operator."""
+    from torchcaps import Conv2dCaps
+
+    layer = Conv2dCaps(MIN_CHANNELS, 8, 32, 9, stride=2).eval()
+    program = torch.export.export(layer, (torch.randn(1, MIN_CHANNELS, 9, 9),))
+    targets = {str(node.target) for node in program.graph.nodes}
+    assert not any("torchcaps" in t for t in targets), targets
+    assert any("convolution" in t or "conv2d" in t for t in targets), targets

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from torchcaps._checks import in_graph_capture, is_functorch_wrapped
+from torchcaps._checks import in_graph_capture, is_compiling, is_exporting, is_functorch_wrapped
 
 __all__: list[str] = []
 
@@ -66,6 +66,98 @@ def _contiguous(t: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
 
 
+def _products_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    compute: torch.dtype,
+) -> Tensor:
+    """The convolution (B, O, H', W'), a channels-last view, summed in the accumulation dtype."""
+    b = x.shape[0]
+    o, c, kh, kw = weight.shape
+    acc = _accumulation_dtype(compute)
+    xn = _nhwc(x, padding, compute)
+    h_out = (xn.shape[1] - kh) // stride[0] + 1
+    w_out = (xn.shape[2] - kw) // stride[1] + 1
+    taps = _taps(weight, compute).view(kh, kw * c, o)
+    group = _tap_group(compute, kw)
+    out = torch.empty(b * h_out * w_out, o, dtype=acc, device=x.device)
+    if bias is not None:
+        out.copy_(bias.expand_as(out))
+    else:
+        out.zero_()
+    scratch = _Scratch()
+    for rows, xs in _batch_chunks(xn, h_out * w_out):
+        out_rows = out[rows]
+        for ky, taps_, cols in _tap_columns(xs, kh, kw, h_out, w_out, stride, scratch, group):
+            _add_product(out_rows, cols, taps[ky, taps_], scratch)
+    return out.view(b, h_out, w_out, o).permute(0, 3, 1, 2)
+
+
+def _grad_rows(grad: Tensor) -> Tensor:
+    """The output gradient (B, O, H', W') as (B * H' * W', O) rows."""
+    b, o, h_out, w_out = grad.shape
+    return grad.permute(0, 2, 3, 1).reshape(b * h_out * w_out, o)
+
+
+def _products_grad_input(
+    grad: Tensor,
+    x_shape: tuple[int, ...],
+    weight: Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    compute: torch.dtype,
+) -> Tensor:
+    """The input gradient (B, C, H, W), a channels-last view, in the accumulation dtype."""
+    b, c, h, w = x_shape
+    o, _, kh, kw = weight.shape
+    acc = _accumulation_dtype(compute)
+    h_out, w_out = grad.shape[2], grad.shape[3]
+    g = _grad_rows(grad).to(compute)
+    group = _tap_group(compute, kw)
+    taps = _taps(weight, compute).view(kh, kw * c, o)
+    gxn = torch.zeros(b, h + 2 * padding[0], w + 2 * padding[1], c, dtype=acc, device=grad.device)
+    scratch = _Scratch()
+    for rows, gs in _batch_chunks(gxn, h_out * w_out):
+        g_rows = g[rows]
+        for ky, kx0 in itertools.product(range(kh), range(0, kw, group)):
+            # (rows, G * C): a group of taps in one product, then each tap's part is added to
+            # its own window (the taps' windows overlap, so one at a time).
+            n = min(group, kw - kx0)
+            cols = scratch.product(g_rows, taps[ky, _span(kx0, n, c)].t(), acc)
+            cols = cols.view(-1, h_out, w_out, n, c)
+            for kx, window in _tap_windows(gs, ky, kx0, n, h_out, w_out, stride):
+                window += cols[:, :, :, kx - kx0]
+    gxn = gxn[:, padding[0] : padding[0] + h, padding[1] : padding[1] + w]
+    return gxn.permute(0, 3, 1, 2)
+
+
+def _products_grad_weight(
+    grad: Tensor,
+    x: Tensor,
+    weight_shape: tuple[int, ...],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    compute: torch.dtype,
+) -> Tensor:
+    """The weight gradient (O, C, KH, KW), a permuted view, in the accumulation dtype."""
+    o, c, kh, kw = weight_shape
+    acc = _accumulation_dtype(compute)
+    h_out, w_out = grad.shape[2], grad.shape[3]
+    g = _grad_rows(grad).to(compute)
+    group = _tap_group(compute, kw)
+    xn = _nhwc(x, padding, compute)
+    gtaps = torch.zeros(kh, kw * c, o, dtype=acc, device=grad.device)
+    scratch = _Scratch()
+    for rows, xs in _batch_chunks(xn, h_out * w_out):
+        g_rows = g[rows]
+        for ky, taps_, cols in _tap_columns(xs, kh, kw, h_out, w_out, stride, scratch, group):
+            _add_product(gtaps[ky, taps_], cols.t(), g_rows, scratch)
+    return gtaps.view(kh, kw, c, o).permute(3, 2, 0, 1)
+
+
 class _TapMatmulConv2d(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -77,27 +169,9 @@ class _TapMatmulConv2d(torch.autograd.Function):
         padding: tuple[int, int],
         compute: torch.dtype,
     ) -> Tensor:
-        b = x.shape[0]
-        o, c, kh, kw = weight.shape
-        acc = _accumulation_dtype(compute)
-        xn = _nhwc(x, padding, compute)
-        h_out = (xn.shape[1] - kh) // stride[0] + 1
-        w_out = (xn.shape[2] - kw) // stride[1] + 1
-        taps = _taps(weight, compute).view(kh, kw * c, o)
-        group = _tap_group(compute, kw)
-        out = torch.empty(b * h_out * w_out, o, dtype=acc, device=x.device)
-        if bias is not None:
-            out.copy_(bias.expand_as(out))
-        else:
-            out.zero_()
-        scratch = _Scratch()
-        for rows, xs in _batch_chunks(xn, h_out * w_out):
-            out_rows = out[rows]
-            for ky, taps_, cols in _tap_columns(xs, kh, kw, h_out, w_out, stride, scratch, group):
-                _add_product(out_rows, cols, taps[ky, taps_], scratch)
         ctx.save_for_backward(x, weight, bias)
         ctx.stride, ctx.padding, ctx.compute = stride, padding, compute
-        return out.view(b, h_out, w_out, o).permute(0, 3, 1, 2)
+        return _products_forward(x, weight, bias, stride, padding, compute)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -117,47 +191,96 @@ class _TapMatmulConv2d(torch.autograd.Function):
             return tuple(next(grads) if need else None for need in (need_x, need_w, need_b)) + (
                 nones
             )
-        b, c, h, w = x.shape
-        o, _, kh, kw = weight.shape
-        acc = _accumulation_dtype(compute)
-        h_out, w_out = grad.shape[2], grad.shape[3]
-        g = grad.permute(0, 2, 3, 1).reshape(b * h_out * w_out, o)
-        g_acc = g.to(acc)
-        g = g.to(compute)
-        group = _tap_group(compute, kw)
         grad_x = grad_w = grad_b = None
         if need_x:
-            taps = _taps(weight, compute).view(kh, kw * c, o)
-            gxn = torch.zeros(
-                b, h + 2 * padding[0], w + 2 * padding[1], c, dtype=acc, device=grad.device
-            )
-            scratch = _Scratch()
-            for rows, gs in _batch_chunks(gxn, h_out * w_out):
-                g_rows = g[rows]
-                for ky, kx0 in itertools.product(range(kh), range(0, kw, group)):
-                    # (rows, G * C): a group of taps in one product, then each tap's part is
-                    # added to its own window (the taps' windows overlap, so one at a time).
-                    n = min(group, kw - kx0)
-                    cols = scratch.product(g_rows, taps[ky, _span(kx0, n, c)].t(), acc)
-                    cols = cols.view(-1, h_out, w_out, n, c)
-                    for kx, window in _tap_windows(gs, ky, kx0, n, h_out, w_out, stride):
-                        window += cols[:, :, :, kx - kx0]
-            gxn = gxn[:, padding[0] : padding[0] + h, padding[1] : padding[1] + w]
-            grad_x = gxn.permute(0, 3, 1, 2)
+            grad_x = _products_grad_input(grad, x.shape, weight, stride, padding, compute)
         if need_w:
-            xn = _nhwc(x, padding, compute)
-            gtaps = torch.zeros(kh, kw * c, o, dtype=acc, device=grad.device)
-            scratch = _Scratch()
-            for rows, xs in _batch_chunks(xn, h_out * w_out):
-                g_rows = g[rows]
-                for ky, taps_, cols in _tap_columns(
-                    xs, kh, kw, h_out, w_out, stride, scratch, group
-                ):
-                    _add_product(gtaps[ky, taps_], cols.t(), g_rows, scratch)
-            grad_w = gtaps.view(kh, kw, c, o).permute(3, 2, 0, 1)
+            grad_w = _products_grad_weight(grad, x, weight.shape, stride, padding, compute)
         if need_b:
-            grad_b = g_acc.sum(0)
+            grad_b = _grad_rows(grad).to(_accumulation_dtype(compute)).sum(0)
         return grad_x, grad_w, grad_b, *nones
+
+
+# Under torch.compile (float32, no autocast) the products run as one opaque operator each way:
+# dynamo cannot trace the loops of the autograd.Function above, and inductor has nothing to fuse
+# inside them. Not under export, whose graphs keep torch's convolution.
+@torch.library.custom_op("torchcaps::tap_conv2d", mutates_args=())
+def _tap_conv2d_op(
+    x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int]
+) -> Tensor:
+    return _products_forward(x, weight, bias, _pair(stride), _pair(padding), weight.dtype)
+
+
+@_tap_conv2d_op.register_fake
+def _tap_conv2d_fake(
+    x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int]
+) -> Tensor:
+    o, _, kh, kw = weight.shape
+    h_out = (x.shape[2] + 2 * padding[0] - kh) // stride[0] + 1
+    w_out = (x.shape[3] + 2 * padding[1] - kw) // stride[1] + 1
+    return x.new_empty(x.shape[0], h_out, w_out, o).permute(0, 3, 1, 2)
+
+
+@torch.library.custom_op("torchcaps::tap_conv2d_backward", mutates_args=())
+def _tap_conv2d_backward_op(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    stride: list[int],
+    padding: list[int],
+    need_x: bool,
+    need_w: bool,
+) -> tuple[Tensor, Tensor]:
+    st, pad, dtype = _pair(stride), _pair(padding), weight.dtype
+    grad_x = grad_w = x.new_empty(0)
+    if need_x:
+        grad_x = _products_grad_input(grad, x.shape, weight, st, pad, dtype)
+        if pad != (0, 0):  # a view into the padded buffer: the layout the fake promises
+            b, c, h, w = x.shape
+            grad_x = x.new_empty(b, h, w, c).permute(0, 3, 1, 2).copy_(grad_x)
+    if need_w:
+        grad_w = _products_grad_weight(grad, x, weight.shape, st, pad, dtype)
+    return grad_x, grad_w
+
+
+@_tap_conv2d_backward_op.register_fake
+def _tap_conv2d_backward_fake(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    stride: list[int],
+    padding: list[int],
+    need_x: bool,
+    need_w: bool,
+) -> tuple[Tensor, Tensor]:
+    b, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    grad_x = x.new_empty(b, h, w, c).permute(0, 3, 1, 2) if need_x else x.new_empty(0)
+    grad_w = x.new_empty(kh, kw, c, o).permute(3, 2, 0, 1) if need_w else x.new_empty(0)
+    return grad_x, grad_w
+
+
+def _tap_conv2d_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, weight, bias, stride, padding = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.stride, ctx.padding, ctx.has_bias = stride, padding, bias is not None
+
+
+def _tap_conv2d_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_x, grad_w = _tap_conv2d_backward_op(
+        grad, x, weight, ctx.stride, ctx.padding, need_x, need_w
+    )
+    grad_b = grad.sum((0, 2, 3)) if need_b and ctx.has_bias else None
+    return grad_x if need_x else None, grad_w if need_w else None, grad_b, None, None
+
+
+_tap_conv2d_op.register_autograd(_tap_conv2d_backward, setup_context=_tap_conv2d_setup)
+
+
+def _pair(v: list[int] | tuple[int, ...]) -> tuple[int, int]:
+    return int(v[0]), int(v[1])
 
 
 def _accumulation_dtype(compute: torch.dtype) -> torch.dtype:
@@ -284,11 +407,18 @@ def tap_matmul_conv2d(
     if compute_dtype is None:
         compute_dtype = torch.get_autocast_dtype(device) if autocast else weight.dtype
     if not autocast:
+        if compute_dtype == weight.dtype == x.dtype == torch.float32 and _compiling():
+            return _tap_conv2d_op(x, weight, bias, list(stride), list(padding))
         return _TapMatmulConv2d.apply(x, weight, bias, stride, padding, compute_dtype).to(
             weight.dtype
         )
     with torch.autocast(device_type=device, enabled=False):
         return _TapMatmulConv2d.apply(x, weight, bias, stride, padding, compute_dtype)
+
+
+def _compiling() -> bool:
+    """Under torch.compile, but not export or TorchScript tracing."""
+    return is_compiling() and not is_exporting() and not torch.jit.is_tracing()
 
 
 @functools.cache
@@ -325,7 +455,13 @@ def auto_tap_matmul_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
     compilation, export and functorch transforms, in wide layers (see :data:`MIN_CHANNELS`,
     :data:`MIN_TAPS`). Outside autocast: float32. Under CPU bfloat16 autocast: bfloat16 where
     the CPU has bf16 instructions, float32 where bf16 would be emulated (slower than float32).
+    Under :func:`torch.compile` (not export): float32 for float32 CPU tensors in wide layers
+    outside autocast, computed by the opaque operator ``torchcaps::tap_conv2d``.
     """
+    if _compiling():
+        fp32 = weight.dtype == torch.float32 and x.dtype == torch.float32
+        cpu_fp32 = x.device.type == "cpu" and fp32 and not torch.is_autocast_enabled("cpu")
+        return torch.float32 if cpu_fp32 and wide_enough(weight) else None
     if in_graph_capture():
         return None
     eligible = (

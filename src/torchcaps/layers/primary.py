@@ -62,9 +62,11 @@ class Conv2dCaps(nn.Module):
             ``"matmul"``: matrix products over the kernel taps of the channels-last input, in
             the parameters' dtype, or under autocast in the autocast dtype with float32 sums
             (the capsules are then float32). ``"auto"`` (default): ``"matmul"`` where it is
-            faster (eager CPU float32 parameters, wide layers with large kernels such as the
+            faster (CPU float32 parameters, wide layers with large kernels such as the
             paper's PrimaryCaps; under bfloat16 autocast in bfloat16 where the CPU has bf16
-            instructions, in float32 where bf16 would be emulated), ``"native"`` otherwise;
+            instructions, in float32 where bf16 would be emulated; under :func:`torch.compile`
+            in float32 outside autocast, as the operator ``torchcaps::tap_conv2d``),
+            ``"native"`` otherwise and under export;
             the rule and its measurements are on the :doc:`Performance </performance>` page.
             Double backward works with every choice. ``"matmul"`` needs ``groups=1``.
         device: device of the parameters.
