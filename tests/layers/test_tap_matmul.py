@@ -248,3 +248,22 @@ def test_export_keeps_torchs_convolution() -> None:
     targets = {str(node.target) for node in program.graph.nodes}
     assert not any("torchcaps" in t for t in targets), targets
     assert any("convolution" in t or "conv2d" in t for t in targets), targets
+
+
+def test_inductor_compiles_around_the_operator() -> None:
+    """The default backend (code generation around the opaque operator), forward and backward."""
+    from torchcaps import Conv2dCaps
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = Conv2dCaps(MIN_CHANNELS, 8, 32, 9, stride=2)
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(2, MIN_CHANNELS, 11, 11)
+    got_y = compiled(x.requires_grad_())
+    grad = torch.randn_like(got_y)
+    got = torch.autograd.grad(got_y, (x, layer.conv.weight), grad)
+    expected_y = layer(x)
+    expected = torch.autograd.grad(expected_y, (x, layer.conv.weight), grad)
+    torch.testing.assert_close(got_y, expected_y, atol=1e-6, rtol=1e-5)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
