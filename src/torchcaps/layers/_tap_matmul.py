@@ -103,22 +103,25 @@ def _grad_rows(grad: Tensor) -> Tensor:
 
 
 def _products_grad_input(
-    grad: Tensor,
+    g: Tensor,
+    out_hw: tuple[int, int],
     x_shape: tuple[int, ...],
     weight: Tensor,
     stride: tuple[int, int],
     padding: tuple[int, int],
     compute: torch.dtype,
 ) -> Tensor:
-    """The input gradient (B, C, H, W), a channels-last view, in the accumulation dtype."""
+    """The input gradient (B, C, H, W), a channels-last view, in the accumulation dtype.
+
+    ``g``: the output gradient's rows (:func:`_grad_rows`) in ``compute``; ``out_hw``: (H', W').
+    """
     b, c, h, w = x_shape
     o, _, kh, kw = weight.shape
     acc = _accumulation_dtype(compute)
-    h_out, w_out = grad.shape[2], grad.shape[3]
-    g = _grad_rows(grad).to(compute)
+    h_out, w_out = out_hw
     group = _tap_group(compute, kw)
     taps = _taps(weight, compute).view(kh, kw * c, o)
-    gxn = torch.zeros(b, h + 2 * padding[0], w + 2 * padding[1], c, dtype=acc, device=grad.device)
+    gxn = torch.zeros(b, h + 2 * padding[0], w + 2 * padding[1], c, dtype=acc, device=g.device)
     scratch = _Scratch()
     for rows, gs in _batch_chunks(gxn, h_out * w_out):
         g_rows = g[rows]
@@ -135,21 +138,24 @@ def _products_grad_input(
 
 
 def _products_grad_weight(
-    grad: Tensor,
+    g: Tensor,
+    out_hw: tuple[int, int],
     x: Tensor,
     weight_shape: tuple[int, ...],
     stride: tuple[int, int],
     padding: tuple[int, int],
     compute: torch.dtype,
 ) -> Tensor:
-    """The weight gradient (O, C, KH, KW), a permuted view, in the accumulation dtype."""
+    """The weight gradient (O, C, KH, KW), a permuted view, in the accumulation dtype.
+
+    ``g``, ``out_hw``: as for :func:`_products_grad_input`.
+    """
     o, c, kh, kw = weight_shape
     acc = _accumulation_dtype(compute)
-    h_out, w_out = grad.shape[2], grad.shape[3]
-    g = _grad_rows(grad).to(compute)
+    h_out, w_out = out_hw
     group = _tap_group(compute, kw)
     xn = _nhwc(x, padding, compute)
-    gtaps = torch.zeros(kh, kw * c, o, dtype=acc, device=grad.device)
+    gtaps = torch.zeros(kh, kw * c, o, dtype=acc, device=g.device)
     scratch = _Scratch()
     for rows, xs in _batch_chunks(xn, h_out * w_out):
         g_rows = g[rows]
@@ -192,12 +198,14 @@ class _TapMatmulConv2d(torch.autograd.Function):
                 nones
             )
         grad_x = grad_w = grad_b = None
+        rows, out_hw = _grad_rows(grad), (grad.shape[2], grad.shape[3])
+        g = rows.to(compute)
         if need_x:
-            grad_x = _products_grad_input(grad, x.shape, weight, stride, padding, compute)
+            grad_x = _products_grad_input(g, out_hw, x.shape, weight, stride, padding, compute)
         if need_w:
-            grad_w = _products_grad_weight(grad, x, weight.shape, stride, padding, compute)
+            grad_w = _products_grad_weight(g, out_hw, x, weight.shape, stride, padding, compute)
         if need_b:
-            grad_b = _grad_rows(grad).to(_accumulation_dtype(compute)).sum(0)
+            grad_b = rows.to(_accumulation_dtype(compute)).sum(0)
         return grad_x, grad_w, grad_b, *nones
 
 
@@ -232,14 +240,15 @@ def _tap_conv2d_backward_op(
     need_w: bool,
 ) -> tuple[Tensor, Tensor]:
     st, pad, dtype = _pair(stride), _pair(padding), weight.dtype
+    g, out_hw = _grad_rows(grad), (grad.shape[2], grad.shape[3])
     grad_x = grad_w = x.new_empty(0)
     if need_x:
-        grad_x = _products_grad_input(grad, x.shape, weight, st, pad, dtype)
+        grad_x = _products_grad_input(g, out_hw, x.shape, weight, st, pad, dtype)
         if pad != (0, 0):  # a view into the padded buffer: the layout the fake promises
             b, c, h, w = x.shape
             grad_x = x.new_empty(b, h, w, c).permute(0, 3, 1, 2).copy_(grad_x)
     if need_w:
-        grad_w = _products_grad_weight(grad, x, weight.shape, st, pad, dtype)
+        grad_w = _products_grad_weight(g, out_hw, x, weight.shape, st, pad, dtype)
     return grad_x, grad_w
 
 
