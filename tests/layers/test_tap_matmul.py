@@ -23,12 +23,19 @@ CONFIGS = [
 ]
 
 
-def _inputs(config: tuple, dtype: torch.dtype = torch.float64, channels_last: bool = False):
+def _inputs(
+    config: tuple,
+    dtype: torch.dtype = torch.float64,
+    channels_last: bool = False,
+    weight_channels_last: bool = False,
+):
     b, c, o, h, w, k, _, _, bias = config
     x = torch.randn(b, c, h, w, dtype=dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     weight = torch.randn(o, c, *k, dtype=dtype)
+    if weight_channels_last:  # as model.to(memory_format=torch.channels_last) leaves it
+        weight = weight.contiguous(memory_format=torch.channels_last)
     return x, weight, (torch.randn(o, dtype=dtype) if bias else None)
 
 
@@ -64,6 +71,34 @@ def test_double_backward_is_exact() -> None:
         return tap_matmul_conv2d(x, w, b, (2, 1), (1, 0))
 
     assert gradgradcheck(fn, args)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("compute", [torch.float64, torch.bfloat16])
+def test_channels_last_weight_gets_its_gradient_in_its_layout(
+    config: tuple, compute: torch.dtype
+) -> None:
+    # The tap matrices are read from the weight in place and the weight gradient is written in
+    # the weight's layout, so autograd can store it in .grad without a copy.
+    dtype = torch.float64 if compute == torch.float64 else torch.float32
+    x, weight, bias = _inputs(config, dtype, channels_last=True, weight_channels_last=True)
+    stride, padding = config[6], config[7]
+    weight.requires_grad_()
+    y = tap_matmul_conv2d(x.requires_grad_(), weight, bias, stride, padding, compute)
+    g = torch.randn_like(y)
+    grad_x, grad_w = torch.autograd.grad(y, (x, weight), g)
+    assert grad_w.is_contiguous(memory_format=torch.channels_last)
+    # autograd's layout test: the same strides in every dimension of size > 1
+    big = [d for d in range(4) if weight.shape[d] > 1]
+    assert [grad_w.stride(d) for d in big] == [weight.stride(d) for d in big]
+    expected_y = F.conv2d(x, weight, bias, stride=stride, padding=padding)
+    expected = torch.autograd.grad(expected_y, (x, weight), g)
+    tol = (
+        {"atol": 1e-12, "rtol": 1e-10} if compute == torch.float64 else {"atol": 0.1, "rtol": 0.05}
+    )
+    torch.testing.assert_close(y, expected_y, **tol)
+    torch.testing.assert_close(grad_x, expected[0], **tol)
+    torch.testing.assert_close(grad_w, expected[1], **tol)
 
 
 def test_gradients_only_for_what_requires_grad() -> None:
@@ -189,9 +224,10 @@ def test_cpu_has_bf16_instructions_reads_the_cpu_flags() -> None:
 
 # -- torch.compile: the opaque operator ---------------------------------------------------------
 @pytest.mark.parametrize("config", CONFIGS[:3])
-def test_the_compile_operator_passes_opcheck(config: tuple) -> None:
+@pytest.mark.parametrize("weight_channels_last", [False, True], ids=["weight", "weight-cl"])
+def test_the_compile_operator_passes_opcheck(config: tuple, weight_channels_last: bool) -> None:
     # schema, fake (meta) shapes and strides, autograd registration, dynamic shapes
-    x, weight, bias = _inputs(config, torch.float32, channels_last=True)
+    x, weight, bias = _inputs(config, torch.float32, True, weight_channels_last)
     stride, padding = list(config[6]), list(config[7])
     args = (x.requires_grad_(), weight.requires_grad_(), bias, stride, padding)
     torch.library.opcheck(torch.ops.torchcaps.tap_conv2d.default, args)

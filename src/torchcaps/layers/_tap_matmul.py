@@ -55,8 +55,42 @@ def _nhwc(x: Tensor, padding: tuple[int, int], dtype: torch.dtype) -> Tensor:
 
 
 def _taps(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """The weight (O, C, KH, KW) as contiguous (KH, KW, C, O) tap matrices of ``dtype``."""
-    return _contiguous(weight.permute(2, 3, 1, 0), dtype)
+    """The weight (O, C, KH, KW) as (KH, KW * C, O) tap matrices of ``dtype``.
+
+    A view of a weight of that dtype whose layout has one (a channels-last weight: each tap's
+    (C, O) matrix is then a transposed, BLAS-ready view), a contiguous copy otherwise.
+    """
+    if weight.dtype == dtype:
+        view = _tap_matrices(weight)
+        if view is not None:
+            return view
+    o, c, kh, kw = weight.shape
+    return _contiguous(weight.permute(2, 3, 1, 0), dtype).view(kh, kw * c, o)
+
+
+def _tap_matrices(t: Tensor) -> Tensor | None:
+    """``t`` (O, C, KH, KW) viewed as (KH, KW * C, O), or ``None`` where its strides allow none."""
+    o, c, kh, kw = t.shape
+    try:
+        return t.permute(2, 3, 1, 0).view(kh, kw * c, o)
+    except RuntimeError:  # KW and C not adjacent in memory (e.g. a contiguous weight)
+        return None
+
+
+def _weight_grad(weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A zero gradient (O, C, KH, KW) for ``weight`` and its (KH, KW * C, O) tap matrices (a view).
+
+    In the weight's own layout when it is channels-last, so that autograd stores the gradient
+    as it is instead of copying it into the parameter's layout; otherwise laid out as the taps.
+    """
+    o, c, kh, kw = weight.shape
+    if weight.is_contiguous(memory_format=torch.channels_last):
+        grad = torch.zeros_like(weight, dtype=dtype, memory_format=torch.channels_last)
+        taps = _tap_matrices(grad)
+        if taps is not None:
+            return grad, taps
+    taps = torch.zeros(kh, kw * c, o, dtype=dtype, device=weight.device)
+    return taps.view(kh, kw, c, o).permute(3, 2, 0, 1), taps
 
 
 def _contiguous(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -76,12 +110,12 @@ def _products_forward(
 ) -> Tensor:
     """The convolution (B, O, H', W'), a channels-last view, summed in the accumulation dtype."""
     b = x.shape[0]
-    o, c, kh, kw = weight.shape
+    o, _, kh, kw = weight.shape
     acc = _accumulation_dtype(compute)
     xn = _nhwc(x, padding, compute)
     h_out = (xn.shape[1] - kh) // stride[0] + 1
     w_out = (xn.shape[2] - kw) // stride[1] + 1
-    taps = _taps(weight, compute).view(kh, kw * c, o)
+    taps = _taps(weight, compute)
     group = _tap_group(compute, kw)
     out = torch.empty(b * h_out * w_out, o, dtype=acc, device=x.device)
     if bias is not None:
@@ -116,11 +150,11 @@ def _products_grad_input(
     ``g``: the output gradient's rows (:func:`_grad_rows`) in ``compute``; ``out_hw``: (H', W').
     """
     b, c, h, w = x_shape
-    o, _, kh, kw = weight.shape
+    _, _, kh, kw = weight.shape
     acc = _accumulation_dtype(compute)
     h_out, w_out = out_hw
     group = _tap_group(compute, kw)
-    taps = _taps(weight, compute).view(kh, kw * c, o)
+    taps = _taps(weight, compute)
     gxn = torch.zeros(b, h + 2 * padding[0], w + 2 * padding[1], c, dtype=acc, device=g.device)
     scratch = _Scratch()
     for rows, gs in _batch_chunks(gxn, h_out * w_out):
@@ -141,27 +175,27 @@ def _products_grad_weight(
     g: Tensor,
     out_hw: tuple[int, int],
     x: Tensor,
-    weight_shape: tuple[int, ...],
+    weight: Tensor,
     stride: tuple[int, int],
     padding: tuple[int, int],
     compute: torch.dtype,
 ) -> Tensor:
-    """The weight gradient (O, C, KH, KW), a permuted view, in the accumulation dtype.
+    """The weight gradient (O, C, KH, KW) in the accumulation dtype (layout: :func:`_weight_grad`).
 
-    ``g``, ``out_hw``: as for :func:`_products_grad_input`.
+    ``g``, ``out_hw``: as for :func:`_products_grad_input`; ``weight``: for its shape and layout.
     """
-    o, c, kh, kw = weight_shape
+    kh, kw = weight.shape[2:]
     acc = _accumulation_dtype(compute)
     h_out, w_out = out_hw
     group = _tap_group(compute, kw)
     xn = _nhwc(x, padding, compute)
-    gtaps = torch.zeros(kh, kw * c, o, dtype=acc, device=g.device)
+    grad_w, gtaps = _weight_grad(weight, acc)
     scratch = _Scratch()
     for rows, xs in _batch_chunks(xn, h_out * w_out):
         g_rows = g[rows]
         for ky, taps_, cols in _tap_columns(xs, kh, kw, h_out, w_out, stride, scratch, group):
             _add_product(gtaps[ky, taps_], cols.t(), g_rows, scratch)
-    return gtaps.view(kh, kw, c, o).permute(3, 2, 0, 1)
+    return grad_w
 
 
 class _TapMatmulConv2d(torch.autograd.Function):
@@ -203,7 +237,7 @@ class _TapMatmulConv2d(torch.autograd.Function):
         if need_x:
             grad_x = _products_grad_input(g, out_hw, x.shape, weight, stride, padding, compute)
         if need_w:
-            grad_w = _products_grad_weight(g, out_hw, x, weight.shape, stride, padding, compute)
+            grad_w = _products_grad_weight(g, out_hw, x, weight, stride, padding, compute)
         if need_b:
             grad_b = rows.to(_accumulation_dtype(compute)).sum(0)
         return grad_x, grad_w, grad_b, *nones
@@ -248,7 +282,7 @@ def _tap_conv2d_backward_op(
             b, c, h, w = x.shape
             grad_x = x.new_empty(b, h, w, c).permute(0, 3, 1, 2).copy_(grad_x)
     if need_w:
-        grad_w = _products_grad_weight(g, out_hw, x, weight.shape, st, pad, dtype)
+        grad_w = _products_grad_weight(g, out_hw, x, weight, st, pad, dtype)
     return grad_x, grad_w
 
 
@@ -263,9 +297,8 @@ def _tap_conv2d_backward_fake(
     need_w: bool,
 ) -> tuple[Tensor, Tensor]:
     b, c, h, w = x.shape
-    o, _, kh, kw = weight.shape
     grad_x = x.new_empty(b, h, w, c).permute(0, 3, 1, 2) if need_x else x.new_empty(0)
-    grad_w = x.new_empty(kh, kw, c, o).permute(3, 2, 0, 1) if need_w else x.new_empty(0)
+    grad_w = _weight_grad(weight, weight.dtype)[0] if need_w else x.new_empty(0)
     return grad_x, grad_w
 
 
