@@ -8,7 +8,8 @@ Each seed trains in ``OUT_DIR/seed_<s>`` with the preset's flags after ``--`` pl
 that has finished is not run again, so a sweep that does not fit one session continues in the
 next with the same command. ``--report-only`` trains nothing. The summary counts only the
 seeds that reached the preset's last epoch (``--epochs`` of the flags after ``--``, or the
-preset's default; with ``--report-only`` and no flags, what each run recorded): the mean and
+preset's default; with ``--report-only`` and no flags, what each run's ``config.json``
+recorded, or the preset's default for a run without one): the mean and
 the sample standard deviation (n - 1) of their final-epoch test accuracy; the others are
 listed with the epoch they reached, as partial. With ``--results FILE`` the summary is
 written into that Markdown file, in a section between ``<!-- seed-sweep:NAME -->`` and
@@ -51,16 +52,19 @@ class SeedRun:
         return self.epochs_total > 0 and self.epochs_done >= self.epochs_total
 
 
-def read_run(seed: int, directory: Path, epochs: int | None = None) -> SeedRun:
+def read_run(
+    seed: int, directory: Path, epochs: int | None = None, default_epochs: int = 0
+) -> SeedRun:
     """The state of ``directory`` (its ``metrics.jsonl``) against ``epochs`` in total.
 
-    ``epochs=None``: the total its ``config.json`` recorded (0 when there is none).
+    ``epochs=None``: the total its ``config.json`` recorded, ``default_epochs`` when it has
+    none (a run not started, or one whose files predate the sweep).
     """
     total = epochs or 0
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     if epochs is None:
-        total = int(config.get("epochs", 0))
+        total = int(config.get("epochs", default_epochs))
     ran_on = (
         "; ".join(
             f"{part.get('device_name', '?')} from {part.get('started_utc', '?')} "
@@ -194,16 +198,17 @@ def sweep(argv: Sequence[str] | None = None, log: Callable[..., Any] = print) ->
         raise SystemExit(f"seed_sweep: --seeds has repeats: {args.seeds}")
     module = importlib.import_module(args.recipe)
     # the preset's epochs, from its flags; for a report without flags, what each run recorded
-    epochs = module.parse_args(extra).epochs if extra or not args.report_only else None
+    preset_epochs = module.parse_args(extra).epochs
+    epochs = preset_epochs if extra or not args.report_only else None
     runs = []
     for seed in args.seeds:
         directory = args.out_dir / f"seed_{seed}"
-        state = read_run(seed, directory, epochs)
+        state = read_run(seed, directory, epochs, preset_epochs)
         if not args.report_only and not state.complete:
             resume = ["--resume"] if (directory / "last.pt").is_file() else []
             log(f"seed {seed}: {'resuming' if resume else 'starting'} in {directory}")
             module.run([*extra, "--seed", str(seed), "--out-dir", str(directory), *resume], log=log)
-            state = read_run(seed, directory, epochs)
+            state = read_run(seed, directory, epochs, preset_epochs)
         runs.append(state)
     name = args.name or args.recipe
     command = "python examples/seed_sweep.py " + shlex.join(

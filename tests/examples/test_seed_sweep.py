@@ -70,6 +70,26 @@ def test_partial_seeds_are_listed_but_not_counted(tmp_path: Path) -> None:
     assert seed_sweep.read_run(5, tmp_path / "absent") == seed_sweep.SeedRun(5, 0, 0, None, None)
 
 
+def test_a_report_without_flags_falls_back_on_the_presets_epochs(tmp_path: Path) -> None:
+    # seed 1: metrics but no config.json (a run copied in from elsewhere); seed 2: nothing yet.
+    # Without flags after '--' both are measured against the preset's default epochs.
+    out = tmp_path / "sweep"
+    default = seed_sweep.importlib.import_module("mnist_capsnet").parse_args([]).epochs
+    (out / "seed_1").mkdir(parents=True)
+    rows = [{"epoch": e, "test_accuracy": 99.0 + e / 100} for e in range(1, default + 1)]
+    (out / "seed_1" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = seed_sweep.sweep(
+        ["--recipe", "mnist_capsnet", "--seeds", "1", "2", "--out-dir", str(out), "--report-only"],
+        log=quiet,
+    )
+    final = 99.0 + default / 100
+    assert runs == [
+        seed_sweep.SeedRun(1, default, default, final, final),
+        seed_sweep.SeedRun(2, 0, default, None, None),
+    ]
+    assert runs[0].complete
+
+
 def test_flags_set_per_seed_are_refused(tmp_path: Path) -> None:
     base = ["--recipe", "mnist_capsnet", "--seeds", "1", "--out-dir", str(tmp_path)]
     with pytest.raises(SystemExit, match="--seed is set per seed"):
