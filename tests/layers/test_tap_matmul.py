@@ -225,18 +225,30 @@ def test_cpu_has_bf16_instructions_reads_the_cpu_flags() -> None:
 # -- torch.compile: the opaque operator ---------------------------------------------------------
 @pytest.mark.parametrize("config", CONFIGS[:3])
 @pytest.mark.parametrize("weight_channels_last", [False, True], ids=["weight", "weight-cl"])
-def test_the_compile_operator_passes_opcheck(config: tuple, weight_channels_last: bool) -> None:
-    # schema, fake (meta) shapes and strides, autograd registration, dynamic shapes
+@pytest.mark.parametrize(
+    ("x_dtype", "compute"),
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)],
+    ids=["fp32", "bf16"],
+)
+def test_the_compile_operator_passes_opcheck(
+    config: tuple, weight_channels_last: bool, x_dtype: torch.dtype, compute: torch.dtype
+) -> None:
+    # schema, fake (meta) shapes, strides and dtypes, autograd registration, dynamic shapes;
+    # bf16: the input as bf16 autocast leaves a convolution's output, the weight float32
     x, weight, bias = _inputs(config, torch.float32, True, weight_channels_last)
+    x = x.to(x_dtype)
     stride, padding = list(config[6]), list(config[7])
-    args = (x.requires_grad_(), weight.requires_grad_(), bias, stride, padding)
+    args = (x.requires_grad_(), weight.requires_grad_(), bias, stride, padding, compute)
     torch.library.opcheck(torch.ops.torchcaps.tap_conv2d.default, args)
     y = torch.ops.torchcaps.tap_conv2d(*args)
+    assert y.dtype == torch.float32
     grad = torch.randn_like(y)
     torch.library.opcheck(
         torch.ops.torchcaps.tap_conv2d_backward.default,
-        (grad, x.detach(), weight.detach(), stride, padding, True, True),
+        (grad, x.detach(), weight.detach(), stride, padding, compute, True, True),
     )
+    grad_x, grad_w = torch.autograd.grad(y, (x, weight), grad)
+    assert grad_x.dtype == x_dtype and grad_w.dtype == torch.float32
 
 
 @pytest.mark.parametrize("padding", [0, 2])
@@ -273,6 +285,46 @@ def test_compiled_wide_layer_runs_the_operator_and_matches_conv2d(padding: int) 
     torch.testing.assert_close(y.double(), yd, atol=1e-5, rtol=1e-4)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bf16_instructions", [True, False, None], ids=["bf16", "no-bf16", "cpu"])
+def test_compiled_layer_under_bf16_autocast_runs_the_operator_as_eager_mode_does(
+    monkeypatch: pytest.MonkeyPatch, bf16_instructions: bool | None
+) -> None:
+    """Under bf16 autocast the compiled wide layer computes the same tap products as eager mode
+    (bf16 products with float32 sums where the CPU has bf16 instructions, float32 where not),
+    in one graph. ``None``: this machine's own answer, read while dynamo traces."""
+    from torchcaps import Conv2dCaps
+
+    if bf16_instructions is not None:
+        monkeypatch.setattr(
+            torchcaps.layers._tap_matmul, "cpu_has_bf16_instructions", lambda: bf16_instructions
+        )
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = Conv2dCaps(MIN_CHANNELS, 8, 32, 9, stride=2, padding=1)
+    x = torch.randn(2, MIN_CHANNELS, 11, 11).contiguous(memory_format=torch.channels_last)
+    x = x.bfloat16()  # as a bf16-autocast convolution before it leaves it
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    results = []
+    for run in (compiled, layer):
+        xr = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = run(xr)
+        grads = torch.autograd.grad(y, (xr, layer.conv.weight, layer.conv.bias), torch.ones_like(y))
+        results.append((y, *grads))
+    assert len(graphs) == 1
+    targets = {node.target for node in graphs[0].graph.nodes}
+    assert torch.ops.torchcaps.tap_conv2d.default in targets, targets
+    for got, expected in zip(*results, strict=True):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_export_keeps_torchs_convolution() -> None:

@@ -44,6 +44,8 @@ CHUNK_ROWS = 4608
 
 _PLAIN = (Tensor, torch.nn.Parameter)
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+# the compute dtypes of the compile operator (its float32 weight: float32 results)
+_OPERATOR_DTYPES = (torch.float32, *_LOW_PRECISION)
 
 
 def _nhwc(x: Tensor, padding: tuple[int, int], dtype: torch.dtype) -> Tensor:
@@ -243,24 +245,38 @@ class _TapMatmulConv2d(torch.autograd.Function):
         return grad_x, grad_w, grad_b, *nones
 
 
-# Under torch.compile (float32, no autocast) the products run as one opaque operator each way:
+# Under torch.compile (a float32 weight) the products run as one opaque operator each way:
 # dynamo cannot trace the loops of the autograd.Function above, and inductor has nothing to fuse
-# inside them. Not under export, whose graphs keep torch's convolution.
+# inside them. Not under export, whose graphs keep torch's convolution. ``compute`` is the
+# products' dtype (float32, or bfloat16 / float16 with float32 sums, as for the function
+# above); the result and the weight gradient are float32, the input gradient has x's dtype.
 @torch.library.custom_op("torchcaps::tap_conv2d", mutates_args=())
 def _tap_conv2d_op(
-    x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int]
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    compute: torch.dtype,
 ) -> Tensor:
-    return _products_forward(x, weight, bias, _pair(stride), _pair(padding), weight.dtype)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _products_forward(x, weight, bias, _pair(stride), _pair(padding), compute)
 
 
 @_tap_conv2d_op.register_fake
 def _tap_conv2d_fake(
-    x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int]
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    compute: torch.dtype,
 ) -> Tensor:
     o, _, kh, kw = weight.shape
     h_out = (x.shape[2] + 2 * padding[0] - kh) // stride[0] + 1
     w_out = (x.shape[3] + 2 * padding[1] - kw) // stride[1] + 1
-    return x.new_empty(x.shape[0], h_out, w_out, o).permute(0, 3, 1, 2)
+    acc = _accumulation_dtype(compute)
+    return x.new_empty(x.shape[0], h_out, w_out, o, dtype=acc).permute(0, 3, 1, 2)
 
 
 @torch.library.custom_op("torchcaps::tap_conv2d_backward", mutates_args=())
@@ -270,19 +286,21 @@ def _tap_conv2d_backward_op(
     weight: Tensor,
     stride: list[int],
     padding: list[int],
+    compute: torch.dtype,
     need_x: bool,
     need_w: bool,
 ) -> tuple[Tensor, Tensor]:
-    st, pad, dtype = _pair(stride), _pair(padding), weight.dtype
-    g, out_hw = _grad_rows(grad), (grad.shape[2], grad.shape[3])
+    st, pad = _pair(stride), _pair(padding)
+    g, out_hw = _grad_rows(grad).to(compute), (grad.shape[2], grad.shape[3])
     grad_x = grad_w = x.new_empty(0)
-    if need_x:
-        grad_x = _products_grad_input(g, out_hw, x.shape, weight, st, pad, dtype)
-        if pad != (0, 0):  # a view into the padded buffer: the layout the fake promises
-            b, c, h, w = x.shape
-            grad_x = x.new_empty(b, h, w, c).permute(0, 3, 1, 2).copy_(grad_x)
-    if need_w:
-        grad_w = _products_grad_weight(g, out_hw, x, weight, st, pad, dtype)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if need_x:
+            grad_x = _products_grad_input(g, out_hw, x.shape, weight, st, pad, compute)
+            if pad != (0, 0) or grad_x.dtype != x.dtype:  # the layout and dtype of the fake
+                b, c, h, w = x.shape
+                grad_x = x.new_empty(b, h, w, c).permute(0, 3, 1, 2).copy_(grad_x)
+        if need_w:
+            grad_w = _products_grad_weight(g, out_hw, x, weight, st, pad, compute)
     return grad_x, grad_w
 
 
@@ -293,29 +311,31 @@ def _tap_conv2d_backward_fake(
     weight: Tensor,
     stride: list[int],
     padding: list[int],
+    compute: torch.dtype,
     need_x: bool,
     need_w: bool,
 ) -> tuple[Tensor, Tensor]:
     b, c, h, w = x.shape
+    acc = _accumulation_dtype(compute)
     grad_x = x.new_empty(b, h, w, c).permute(0, 3, 1, 2) if need_x else x.new_empty(0)
-    grad_w = _weight_grad(weight, weight.dtype)[0] if need_w else x.new_empty(0)
+    grad_w = _weight_grad(weight, acc)[0] if need_w else x.new_empty(0)
     return grad_x, grad_w
 
 
 def _tap_conv2d_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    x, weight, bias, stride, padding = inputs
+    x, weight, bias, stride, padding, compute = inputs
     ctx.save_for_backward(x, weight)
-    ctx.stride, ctx.padding, ctx.has_bias = stride, padding, bias is not None
+    ctx.stride, ctx.padding, ctx.compute, ctx.has_bias = stride, padding, compute, bias is not None
 
 
 def _tap_conv2d_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     x, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     grad_x, grad_w = _tap_conv2d_backward_op(
-        grad, x, weight, ctx.stride, ctx.padding, need_x, need_w
+        grad, x, weight, ctx.stride, ctx.padding, ctx.compute, need_x, need_w
     )
     grad_b = grad.sum((0, 2, 3)) if need_b and ctx.has_bias else None
-    return grad_x if need_x else None, grad_w if need_w else None, grad_b, None, None
+    return grad_x if need_x else None, grad_w if need_w else None, grad_b, None, None, None
 
 
 _tap_conv2d_op.register_autograd(_tap_conv2d_backward, setup_context=_tap_conv2d_setup)
@@ -448,9 +468,9 @@ def tap_matmul_conv2d(
     autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
     if compute_dtype is None:
         compute_dtype = torch.get_autocast_dtype(device) if autocast else weight.dtype
+    if _compiling() and weight.dtype == torch.float32 and compute_dtype in _OPERATOR_DTYPES:
+        return _tap_conv2d_op(x, weight, bias, list(stride), list(padding), compute_dtype)
     if not autocast:
-        if compute_dtype == weight.dtype == x.dtype == torch.float32 and _compiling():
-            return _tap_conv2d_op(x, weight, bias, list(stride), list(padding))
         return _TapMatmulConv2d.apply(x, weight, bias, stride, padding, compute_dtype).to(
             weight.dtype
         )
@@ -463,13 +483,18 @@ def _compiling() -> bool:
     return is_compiling() and not is_exporting() and not torch.jit.is_tracing()
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # under torch.compile: called, not traced
 def cpu_has_bf16_instructions() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX-BF16 on x86).
 
-    Read from ``/proc/cpuinfo`` (Linux); ``False`` where it cannot be read. Without them
+    Read from ``/proc/cpuinfo`` (Linux) once; ``False`` where it cannot be read. Without them
     bfloat16 matmuls are emulated and slower than float32 (docs/performance.md).
     """
+    return _cpuinfo_has_bf16()
+
+
+@functools.cache
+def _cpuinfo_has_bf16() -> bool:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -493,30 +518,27 @@ def wide_enough(weight: Tensor) -> bool:
 def auto_tap_matmul_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
     """The compute dtype ``conv_impl="auto"`` runs :func:`tap_matmul_conv2d` in, or ``None``.
 
-    ``None`` (torch's convolution) except for plain eager float32 CPU tensors outside tracing,
-    compilation, export and functorch transforms, in wide layers (see :data:`MIN_CHANNELS`,
-    :data:`MIN_TAPS`). Outside autocast: float32. Under CPU bfloat16 autocast: bfloat16 where
-    the CPU has bf16 instructions, float32 where bf16 would be emulated (slower than float32).
-    Under :func:`torch.compile` (not export): float32 for float32 CPU tensors in wide layers
-    outside autocast, computed by the opaque operator ``torchcaps::tap_conv2d``.
+    ``None`` (torch's convolution) except for a float32 weight of a wide layer (see
+    :data:`MIN_CHANNELS`, :data:`MIN_TAPS`) on CPU, with plain eager tensors (not under
+    tracing, export or functorch transforms) or under :func:`torch.compile` (not export), where
+    the products run as the opaque operator ``torchcaps::tap_conv2d``. Outside autocast:
+    float32, for a float32 input. Under CPU bfloat16 autocast: bfloat16 where the CPU has bf16
+    instructions, float32 where bf16 would be emulated (slower than float32).
     """
     if _compiling():
-        fp32 = weight.dtype == torch.float32 and x.dtype == torch.float32
-        cpu_fp32 = x.device.type == "cpu" and fp32 and not torch.is_autocast_enabled("cpu")
-        return torch.float32 if cpu_fp32 and wide_enough(weight) else None
-    if in_graph_capture():
+        plain = True  # dynamo traces with fake tensors; the operator runs on real ones
+    elif in_graph_capture():
         return None
-    eligible = (
-        type(x) in _PLAIN  # not a FakeTensor or another tensor subclass
-        and type(weight) in _PLAIN
-        and x.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and x.numel() > 0
-        and wide_enough(weight)
-        and not is_functorch_wrapped(x)
-        and not is_functorch_wrapped(weight)
-    )
-    if not eligible:
+    else:
+        plain = (
+            type(x) in _PLAIN  # not a FakeTensor or another tensor subclass
+            and type(weight) in _PLAIN
+            and x.numel() > 0
+            and not is_functorch_wrapped(x)
+            and not is_functorch_wrapped(weight)
+        )
+    eligible = x.device.type == "cpu" and weight.dtype == torch.float32 and wide_enough(weight)
+    if not (plain and eligible):
         return None
     if not torch.is_autocast_enabled("cpu"):
         return torch.float32 if x.dtype == torch.float32 else None
