@@ -6,8 +6,9 @@
 It builds the configuration exactly as ``bench_train.py`` does (the same ``Workload``), runs
 ``--warmup`` untimed steps, times ``--timed`` steps one by one (printed sorted, so the spread
 shows), then profiles ``--steps`` more with ``torch.profiler`` and prints the ops by self CPU
-time: which ops dominate, which copies and casts remain, what still runs in float32. One process,
-one configuration: for ratios between configurations use ``bench_train.py``, which interleaves
+time (``--by-shape``: one line per op and input shapes, to tell the copies apart): which ops
+dominate, which copies and casts remain, what still runs in float32. One process, one
+configuration: for ratios between configurations use ``bench_train.py``, which interleaves
 them in fresh workers.
 """
 
@@ -30,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="steps profiled (default 3)")
     p.add_argument("--rows", type=int, default=25, help="ops printed (default 25)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--by-shape",
+        action="store_true",
+        help="record input shapes and list each op per input shape (which copy is which)",
+    )
     return p
 
 
@@ -64,11 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     ms = ", ".join(f"{1e3 * t:.0f}" for t in sorted(times))
     best = min(times)
     print(f"step ms, sorted: {ms} (best {args.batch_size / best:.1f} images/s)")
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:
         for _ in range(args.steps):
             workload.train_step()
     print(f"ops over {args.steps} profiled steps, by self CPU time:")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    table = prof.key_averages(group_by_input_shape=args.by_shape).table(
+        sort_by="self_cpu_time_total", row_limit=args.rows
+    )
+    print(table)
     return 0
 
 
