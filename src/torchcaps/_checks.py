@@ -114,6 +114,15 @@ def check_choice(name: str, value: Any, choices: Sequence[Any], *, owner: str) -
     return value
 
 
+def check_generator(name: str, value: Any, *, owner: str) -> torch.Generator | None:
+    """Check that ``value`` is a :class:`torch.Generator` or ``None``."""
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(
+            f"{owner}: {name} must be a torch.Generator or None, got {type(value).__name__}"
+        )
+    return value
+
+
 def check_tensor(name: str, x: Any, *, owner: str) -> Tensor:
     """Check that ``x`` is a real floating-point tensor."""
     if not isinstance(x, Tensor):

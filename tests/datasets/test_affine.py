@@ -112,3 +112,11 @@ def test_bad_input() -> None:
         affine_mnist(x, torch.tensor([1]))
     with pytest.raises(ValueError, match="seed must be >= 0"):
         affine_mnist(x, y, seed=-1)
+    with pytest.raises(TypeError, match="scale must be a float"):
+        affine_mnist(x, y, scale=("a", "b"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"scale must be a pair \(low, high\), got 1.0"):
+        affine_mnist(x, y, scale=1.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        affine_mnist(x, y, scale=(0.0, 1.0))
+    with pytest.raises(ValueError, match="canvas 20 is smaller than the images, 28x28"):
+        affine_mnist(x, y, canvas=20)

@@ -165,6 +165,12 @@ def test_bad_input() -> None:
         MultiMNIST(images, labels, max_shift=-1)
     with pytest.raises(IndexError, match="index 20 out of range for 20 items"):
         MultiMNIST(images, labels)[20]
+    with pytest.raises(TypeError, match=r"an index must be an integer in \[0, 20\), got float"):
+        MultiMNIST(images, labels)[1.5]  # type: ignore[index]
+    with pytest.raises(TypeError, match="an index must be an integer"):
+        MultiMNIST(images, labels).batch(torch.tensor([0.0, 1.0]))
+    with pytest.raises(TypeError, match="sample: generator must be a torch.Generator or None"):
+        MultiMNISTBatches(images, labels).sample(2, generator=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="canvas 20 is smaller than the images, 28x28"):
         multimnist_batch(images, labels, 2, canvas=20)
     with pytest.raises(ValueError, match="MultiMNIST: canvas 27 is smaller"):

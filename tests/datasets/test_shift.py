@@ -90,6 +90,12 @@ def test_bad_input() -> None:
         translate(torch.zeros(2, 5, 5), torch.zeros(2, dtype=torch.long), torch.zeros(2))
     with pytest.raises(ValueError, match=r"images must be a tensor of shape \(N, \*, H, W\)"):
         translate(torch.zeros(5, 5), torch.zeros(5, dtype=torch.long), torch.zeros(5))
+    with pytest.raises(TypeError, match="translate: dx must be a torch.Tensor, got list"):
+        translate(torch.zeros(2, 5, 5), torch.zeros(2, dtype=torch.long), [0, 0])
+    with pytest.raises(TypeError, match="random_shift: generator must be a torch.Generator"):
+        random_shift(torch.zeros(2, 5, 5), 1, 0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="content_margins: images must be a torch.Tensor, got list"):
+        content_margins([[0.0]])  # type: ignore[arg-type]
 
 
 def test_content_margins_match_a_loop() -> None:

@@ -32,9 +32,20 @@ class AffineMNIST(NamedTuple):
     \begin{pmatrix} 1 & s \\ 0 & 1 \end{pmatrix}`, and :math:`c_{in}, c_{out}` the centres of
     the input image and of the canvas.
 
-    Fields: ``images`` :math:`(N, 1, S, S)` float in [0, 1]; ``labels`` :math:`(N,)`;
-    ``angles`` :math:`(N,)` in degrees; ``shears`` :math:`(N,)`; ``scales`` :math:`(N, 2)`,
-    :math:`(s_x, s_y)`; ``translations`` :math:`(N, 2)`, :math:`t = (t_x, t_y)` in pixels.
+    Fields: ``images``, float in [0, 1]; ``labels``; ``angles`` in degrees; ``shears``;
+    ``scales``, :math:`(s_x, s_y)`; ``translations``, :math:`t = (t_x, t_y)` in pixels.
+
+    Shape:
+        - ``images``: :math:`(N, 1, S, S)`, :math:`S` the canvas side.
+        - ``labels``, ``angles``, ``shears``: :math:`(N,)`.
+        - ``scales``, ``translations``: :math:`(N, 2)`.
+
+    Examples:
+        >>> import torch
+        >>> from torchcaps.datasets import AffineMNIST, affine_mnist
+        >>> out = affine_mnist(torch.rand(4, 28, 28), torch.tensor([0, 1, 2, 3]), seed=1)
+        >>> isinstance(out, AffineMNIST), out.images.shape, out.scales.shape
+        (True, torch.Size([4, 1, 40, 40]), torch.Size([4, 2]))
     """
 
     images: Tensor
@@ -97,13 +108,14 @@ def affine_mnist(
     y = label_vector(labels, n, owner)
     seed = check_int("seed", seed, minimum=0, owner=owner)
     canvas = check_int("canvas", canvas, owner=owner)
+    if canvas < max(h, w):
+        raise ValueError(f"{owner}: canvas {canvas} is smaller than the images, {h}x{w}")
     max_rotation = check_float("max_rotation", max_rotation, minimum=0.0, owner=owner)
     max_shear = check_float("max_shear", max_shear, minimum=0.0, owner=owner)
-    if (
-        not isinstance(scale, (tuple, list))
-        or len(scale) != 2
-        or not 0 < float(scale[0]) <= float(scale[1])
-    ):
+    if not isinstance(scale, (tuple, list)) or len(scale) != 2:
+        raise TypeError(f"{owner}: scale must be a pair (low, high), got {scale!r}")
+    low, high = (check_float("scale", v, minimum=0.0, strict_min=True, owner=owner) for v in scale)
+    if low > high:
         raise ValueError(
             f"{owner}: scale must be a range (low, high) with 0 < low <= high, got {scale!r}"
         )
@@ -111,7 +123,7 @@ def affine_mnist(
     u = torch.rand(n, 6, generator=g, dtype=torch.float64)
     angles = (2 * u[:, 0] - 1) * max_rotation
     shears = (2 * u[:, 1] - 1) * max_shear
-    scales = scale[0] + (scale[1] - scale[0]) * u[:, 2:4]
+    scales = low + (high - low) * u[:, 2:4]
     theta = torch.deg2rad(angles)
     cos, sin = torch.cos(theta), torch.sin(theta)
     # A = R Sh S; on screen (y down) a counter-clockwise rotation is [[cos, sin], [-sin, cos]]

@@ -2,13 +2,14 @@
 
 # No ``from __future__ import annotations``: the NamedTuple's field types stay real classes, which
 # the API docs resolve.
+import numbers
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from torchcaps._checks import check_int
+from torchcaps._checks import check_generator, check_int
 from torchcaps.datasets._images import image_batch, label_vector
 from torchcaps.datasets.shift import pad_to_canvas, random_shift_offsets, translate
 
@@ -24,12 +25,28 @@ _NUM_CLASSES = 10
 
 
 class MultiMNISTSample(NamedTuple):
-    """One MultiMNIST item, or a batch of them (a leading batch dimension on every field).
+    r"""One MultiMNIST item, or a batch of them (a leading batch dimension on every field).
 
-    Fields: ``image`` :math:`(1, S, S)`, the clipped sum of the two digits on the canvas of
-    side :math:`S`; ``target`` :math:`(10,)`, multi-hot (1 at both classes); ``components``
-    :math:`(2, 1, S, S)`, each digit alone, shifted as in the composite; ``labels``
-    :math:`(2,)`, the two classes.
+    Fields: ``image``, the clipped sum of the two digits on the canvas of side :math:`S`;
+    ``target``, multi-hot (1 at both classes); ``components``, each digit alone, shifted as in
+    the composite; ``labels``, the two classes.
+
+    Shape:
+        - ``image``: :math:`(1, S, S)`.
+        - ``target``: :math:`(10,)`.
+        - ``components``: :math:`(2, 1, S, S)`.
+        - ``labels``: :math:`(2,)`.
+        - A batch of :math:`B` items: :math:`(B, \ldots)` on every field.
+
+    Examples:
+        >>> import torch
+        >>> from torchcaps.datasets import MultiMNIST
+        >>> data = MultiMNIST(torch.rand(20, 28, 28), torch.arange(20) % 10)
+        >>> item = data[3]
+        >>> item.image.shape, item.target.shape, item.components.shape, item.labels.shape
+        (torch.Size([1, 36, 36]), torch.Size([10]), torch.Size([2, 1, 36, 36]), torch.Size([2]))
+        >>> int(item.target.sum()), bool(item.labels[0] != item.labels[1])
+        (2, True)
     """
 
     image: Tensor
@@ -237,7 +254,7 @@ class MultiMNIST(Dataset[MultiMNISTSample]):
         Each item's five uniforms come from a hash of (seed, k): the partner's, then the two
         digits' (dy, dx) shifts; the rest is computed for all items together.
         """
-        ks = [int(k) for k in indices]
+        ks = [_item_index(k, self.length) for k in indices]
         for k in ks:
             if not 0 <= k < self.length:
                 raise IndexError(f"MultiMNIST: index {k} out of range for {self.length} items")
@@ -255,6 +272,7 @@ class MultiMNIST(Dataset[MultiMNISTSample]):
         )
 
     def __getitem__(self, index: int) -> MultiMNISTSample:
+        index = _item_index(index, self.length)
         if index < 0:
             index += self.length
         one = self.batch([index])
@@ -265,6 +283,17 @@ class MultiMNIST(Dataset[MultiMNISTSample]):
             f"MultiMNIST({self.images.shape[0]} source digits, {self.length} items, "
             f"canvas={self.canvas}, max_shift={self.max_shift}, seed={self.seed})"
         )
+
+
+def _item_index(k: Any, length: int) -> int:
+    """``k`` as an item index: a Python or NumPy integer, or a one-element integer tensor."""
+    if isinstance(k, Tensor) and k.numel() == 1 and not (k.is_floating_point() or k.is_complex()):
+        return int(k)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(
+            f"MultiMNIST: an index must be an integer in [0, {length}), got {type(k).__name__}"
+        )
+    return int(k)
 
 
 class MultiMNISTBatches:
@@ -314,7 +343,9 @@ class MultiMNISTBatches:
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> MultiMNISTSample:
         """``batch_size`` fresh pairs drawn from ``generator``."""
-        b = check_int("batch_size", batch_size, owner="MultiMNISTBatches.sample")
+        owner = "MultiMNISTBatches.sample"
+        b = check_int("batch_size", batch_size, owner=owner)
+        generator = check_generator("generator", generator, owner=owner)
         dev = self.images.device
         n = self.images.shape[0]
         first = torch.randint(0, n, (b,), generator=generator, device=dev)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from torchcaps._checks import check_int, shape_str
+from torchcaps._checks import check_generator, check_int, shape_str
 from torchcaps.datasets._images import image_batch
 
 __all__ = [
@@ -49,8 +49,10 @@ def translate(images: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
         )
     b, h, w = images.shape[0], images.shape[-2], images.shape[-1]
     for name, t in (("dy", dy), ("dx", dx)):
-        if not isinstance(t, Tensor) or t.is_floating_point() or tuple(t.shape) != (b,):
-            got = f"{t.dtype} {shape_str(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_floating_point() or tuple(t.shape) != (b,):
+            got = f"{t.dtype} {shape_str(t.shape)}"
             raise ValueError(
                 f"{owner}: {name} must be an integer tensor of shape (N,) = ({b},), got {got}"
             )
@@ -126,10 +128,14 @@ def content_margins(images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         >>> [m.tolist() for m in content_margins(x)]
         [[1, 4], [1, 4], [2, 5], [2, 5]]
     """
-    if not isinstance(images, Tensor) or images.dim() < 3:
-        got = shape_str(images.shape) if isinstance(images, Tensor) else type(images).__name__
+    if not isinstance(images, Tensor):
+        raise TypeError(
+            f"content_margins: images must be a torch.Tensor, got {type(images).__name__}"
+        )
+    if images.dim() < 3:
         raise ValueError(
-            f"content_margins: images must be a tensor of shape (N, *, H, W), got {got}"
+            "content_margins: images must be a tensor of shape (N, *, H, W), "
+            f"got {shape_str(images.shape)}"
         )
     h, w = images.shape[-2], images.shape[-1]
     content = images.ne(0).flatten(1, -3).any(dim=1) if images.dim() > 3 else images.ne(0)
@@ -168,6 +174,7 @@ def random_shift_offsets(
     owner = "random_shift_offsets"
     n = check_int("n", n, minimum=0, owner=owner)
     max_shift = check_int("max_shift", max_shift, minimum=0, owner=owner)
+    generator = check_generator("generator", generator, owner=owner)
     if device is None and generator is not None:
         device = generator.device
     drawn = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator, device=device)
@@ -202,6 +209,7 @@ def random_shift(
     owner = "random_shift"
     x = image_batch(images, owner)
     max_shift = check_int("max_shift", max_shift, minimum=0, owner=owner)
+    generator = check_generator("generator", generator, owner=owner)
     offsets = random_shift_offsets(
         x.shape[0],
         max_shift,

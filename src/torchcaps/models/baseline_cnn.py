@@ -105,6 +105,12 @@ def baseline_cnn_mnist(**kwargs: Any) -> BaselineCNN:
 
     Keyword arguments override the defaults (``in_shape=(1, 40, 40)`` for a 40x40 canvas).
 
+    Shape:
+        - x: :math:`(B, 1, 28, 28)`.
+        - target: ignored (no decoder).
+        - Output: :class:`~torchcaps.models.CapsuleOutput` with ``scores`` :math:`(B, 10)`,
+          the logits, and ``capsules`` and ``reconstruction`` ``None``.
+
     Examples:
         >>> from torchcaps.models import baseline_cnn_mnist
         >>> sum(p.numel() for p in baseline_cnn_mnist().parameters())

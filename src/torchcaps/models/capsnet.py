@@ -163,6 +163,13 @@ def capsnet_mnist(**kwargs: Any) -> CapsNet:
     8,215,568 parameters (6,804,224 with ``reconstruction=False``). Keyword arguments override
     the defaults of :class:`CapsNet`.
 
+    Shape:
+        - x: :math:`(B, 1, 28, 28)`.
+        - target: :math:`(B,)` class indices, or ``None``.
+        - Output: :class:`~torchcaps.models.CapsuleOutput` with ``scores`` :math:`(B, 10)`,
+          ``capsules`` :math:`(B, 10, 16)` and ``reconstruction`` :math:`(B, 1, 28, 28)` (or
+          ``None`` with ``reconstruction=False``).
+
     Examples:
         >>> from torchcaps.models import capsnet_mnist
         >>> sum(p.numel() for p in capsnet_mnist().parameters())
@@ -180,6 +187,14 @@ def capsnet_multimnist(**kwargs: Any) -> CapsNet:
     reconstructs both digits, each masked by its own class (the paper's training).
     11,361,808 parameters (9,425,664 with ``reconstruction=False``). Keyword
     arguments override the defaults of :class:`CapsNet`.
+
+    Shape:
+        - x: :math:`(B, 1, 36, 36)`.
+        - target: :math:`(B,)` or :math:`(B, 2)` class indices, or ``None``.
+        - Output: :class:`~torchcaps.models.CapsuleOutput` with ``scores`` :math:`(B, 10)`,
+          ``capsules`` :math:`(B, 10, 16)` and ``reconstruction`` :math:`(B, 1, 36, 36)`,
+          :math:`(B, 2, 1, 36, 36)` for a :math:`(B, 2)` ``target`` (or ``None`` with
+          ``reconstruction=False``).
 
     Examples:
         >>> import torch

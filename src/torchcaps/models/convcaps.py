@@ -185,6 +185,13 @@ def convcaps_mnist(**kwargs: Any) -> ConvCapsNet:
 
     Keyword arguments override the defaults of :class:`ConvCapsNet`.
 
+    Shape:
+        - x: :math:`(B, 1, 28, 28)`.
+        - target: :math:`(B,)` class indices, or ``None``.
+        - Output: :class:`~torchcaps.models.CapsuleOutput` with ``scores`` :math:`(B, 10)`,
+          ``capsules`` :math:`(B, 10, 16)` and ``reconstruction`` :math:`(B, 1, 28, 28)` (or
+          ``None`` with ``reconstruction=False``).
+
     Examples:
         >>> from torchcaps.models import convcaps_mnist
         >>> convcaps_mnist(routing="inverted_dot_product").digits.routing.out_dim

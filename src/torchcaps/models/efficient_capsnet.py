@@ -164,6 +164,13 @@ def efficient_capsnet_mnist(**kwargs: Any) -> EfficientCapsNet:
     161,824 trainable parameters with ``reconstruction=False`` (the paper's count). Keyword
     arguments override the defaults of :class:`EfficientCapsNet`.
 
+    Shape:
+        - x: :math:`(B, 1, 28, 28)`.
+        - target: :math:`(B,)` class indices, or ``None``.
+        - Output: :class:`~torchcaps.models.CapsuleOutput` with ``scores`` :math:`(B, 10)`,
+          ``capsules`` :math:`(B, 10, 16)` and ``reconstruction`` :math:`(B, 1, 28, 28)` (or
+          ``None`` with ``reconstruction=False``).
+
     Examples:
         >>> from torchcaps.models import efficient_capsnet_mnist
         >>> sum(p.numel() for p in efficient_capsnet_mnist(reconstruction=False).parameters())
