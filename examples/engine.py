@@ -280,13 +280,15 @@ def train_one_epoch(
     (``first_step`` + the step of this epoch) before every step, for schedules that move with
     training (the spread loss's margin).
 
-    Every ``log_interval`` steps (the only points that synchronise with the device) the loss is
-    checked: a NaN or infinite loss raises :class:`NonFiniteLossError` naming the step, before
-    anything is saved. Returns the mean loss of this process's batches, the seconds and the
+    Every step records, on the device, whether its loss is finite; every ``log_interval`` steps
+    (the only points that synchronise with the device) that record is read: a NaN or infinite
+    loss raises :class:`NonFiniteLossError` naming the first step that had one, before anything
+    is saved. Returns the mean loss of this process's batches, the seconds and the
     images per second.
     """
     ctx.model.train()
     total = torch.zeros((), device=ctx.device)
+    first_bad = torch.zeros((), dtype=torch.long, device=ctx.device)  # 0: none yet, else step
     seen = 0
     start = time.perf_counter()
     batches = train_batches(images.shape[0], batch_size, generator, rank, world)
@@ -309,11 +311,13 @@ def train_one_epoch(
         )
         total += loss
         seen += 1
+        first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss), step + 1, first_bad)
         if (step + 1) % log_interval == 0 or step + 1 == steps:
-            if not bool(torch.isfinite(total)):
+            bad = int(first_bad)
+            if bad:
                 raise NonFiniteLossError(
-                    f"the training loss is not finite ({float(loss)}) within the "
-                    f"{log_interval} steps up to step {step + 1} of the epoch"
+                    f"the training loss is not finite ({float(loss)} at step {step + 1}) from "
+                    f"step {bad} of the epoch on (first checked at step {step + 1})"
                 )
             if on_log is not None:
                 on_log(step + 1, loss)

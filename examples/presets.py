@@ -201,11 +201,19 @@ def add_em_arguments(
         default=margin_epochs,
         help="with --margin-schedule linear: epochs over which the margin rises to 0.9",
     )
+    add_flag(
+        p,
+        "--coordinates",
+        choices=("receptive_field", "grid"),
+        default="receptive_field",
+        help="coordinate addition: the children's receptive-field centres (the paper's) or "
+        "their grid cells' centres (the runs before 2026-12-07)",
+    )
 
 
 def em_model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The EM recipes' model arguments (stored in every checkpoint)."""
-    return {"routing_iterations": args.iterations}
+    return {"routing_iterations": args.iterations, "coordinates": args.coordinates}
 
 
 def scheduled_spread_loss(args: argparse.Namespace) -> ScheduledSpreadLoss:

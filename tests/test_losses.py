@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.autograd import gradcheck
 
+import torchcaps
 from _strategies import BAD_FLOATS, RAISED, check_call, check_margin, margin_case
 from reference import margin_ref
 from torchcaps import MarginLoss, ReconstructionLoss, ShapeError, SpreadLoss, spread_margin
@@ -198,6 +199,7 @@ def test_spread_hand_computed() -> None:
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(spread_loss(a, target), expected.mean())
     torch.testing.assert_close(spread_loss(a, target, reduction="sum"), expected.sum())
+    assert torchcaps.spread_loss is spread_loss  # importable from the top level too
 
 
 @settings(max_examples=30, deadline=None)

@@ -9,9 +9,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from torchcaps import Routing, squash
+from torchcaps import MatrixRouting, Routing, squash
 from torchcaps.models import CapsuleOutput
-from torchcaps.testing import assert_model_contract, assert_routing_contract
+from torchcaps.testing import (
+    assert_matrix_routing_contract,
+    assert_model_contract,
+    assert_routing_contract,
+)
 
 
 # -- routings ------------------------------------------------------------------------------------
@@ -151,6 +155,77 @@ def test_accepts_a_correct_user_routing() -> None:
 def test_rejects_broken_routings(routing: Routing, message: str) -> None:
     with pytest.raises(AssertionError, match=message):
         assert_routing_contract(routing)
+
+
+# -- matrix routings ---------------------------------------------------------------------------
+class _MeanVotes(MatrixRouting):
+    """Uniform assignments: each parent the activation-weighted mean of its votes."""
+
+    def route(self, votes: Tensor, activations: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        r = torch.full(votes.shape[:3], 1.0 / votes.shape[2], dtype=votes.dtype)
+        w = r * activations.unsqueeze(2)
+        poses = torch.einsum("bij,bijp->bjp", w, votes) / w.sum(1).unsqueeze(2)
+        return poses, torch.sigmoid(w.sum(1)), r
+
+
+class _ActivationsAboveOne(_MeanVotes):
+    def route(self, votes: Tensor, activations: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        poses, a, r = super().route(votes, activations)
+        return poses, a + 1.0, r
+
+
+class _AssignmentsOverChildren(_MeanVotes):
+    """R normalised over the children instead of the parents."""
+
+    def route(self, votes: Tensor, activations: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        poses, a, _ = super().route(votes, activations)
+        return poses, a, torch.softmax(votes.sum(-1), dim=1)
+
+
+class _MatrixMixesBatch(_MeanVotes):
+    def route(self, votes: Tensor, activations: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        poses, a, r = super().route(votes, activations)
+        return poses - poses.mean(0, keepdim=True), a, r
+
+
+class _OrderedChildren(_MeanVotes):
+    """Weights the first child double: the children are not a set."""
+
+    def route(self, votes: Tensor, activations: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        poses, a, r = super().route(votes, activations)
+        return poses + votes[:, 0], a, r
+
+
+class _DetachedActivations(_MeanVotes):
+    def route(self, votes: Tensor, activations: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return super().route(votes, activations.detach())
+
+
+class _MatrixUnchecked(_MeanVotes):
+    def check_input(self, votes: Tensor, activations: Tensor) -> None:
+        if votes.dim() != 4:
+            raise IndexError("rank")
+
+
+def test_accepts_a_correct_user_matrix_routing() -> None:
+    assert_matrix_routing_contract(_MeanVotes())
+
+
+@pytest.mark.parametrize(
+    ("routing", "message"),
+    [
+        (_ActivationsAboveOne(), "_ActivationsAboveOne: output activations must lie in"),
+        (_AssignmentsOverChildren(), "assignments R must sum to 1 over the parents"),
+        (_MatrixMixesBatch(), "batch elements must be independent"),
+        (_OrderedChildren(), "permuting the children must permute R"),
+        (_DetachedActivations(), "no gradient flows back to the input activations"),
+        (_MatrixUnchecked(), "rank-3 votes must raise ValueError/TypeError, got IndexError"),
+    ],
+    ids=lambda p: type(p).__name__ if isinstance(p, nn.Module) else "",
+)
+def test_rejects_broken_matrix_routings(routing: MatrixRouting, message: str) -> None:
+    with pytest.raises(AssertionError, match=message):
+        assert_matrix_routing_contract(routing)
 
 
 # -- models --------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from torchcaps import datasets, errors, functional, layers, models, routing, tes
 from torchcaps._version import __version__
 from torchcaps.decoders import MaskedDecoder
 from torchcaps.errors import ShapeError
-from torchcaps.functional import capsule_lengths, exp_squash, squash
+from torchcaps.functional import capsule_lengths, exp_squash, spread_loss, squash
 from torchcaps.layers import (
     ClassMatrixCaps,
     Conv2dCaps,
@@ -63,6 +63,7 @@ __all__ = [
     "models",
     "resolve_routing",
     "routing",
+    "spread_loss",
     "spread_margin",
     "squash",
     "testing",

@@ -25,7 +25,14 @@ def test_defaults() -> None:
     assert args.margin_epochs == 5.0
     assert ex.RECIPE.model(args) == "matrix_capsnet_small_mnist"  # type: ignore[operator]
     assert ex.RECIPE.model(ex.parse_args(["--model", "large"])) == "matrix_capsnet_mnist"  # type: ignore[operator]
-    assert ex.RECIPE.model_kwargs(ex.parse_args(["--iterations", "3"])) == {"routing_iterations": 3}
+    assert ex.RECIPE.model_kwargs(ex.parse_args(["--iterations", "3"])) == {
+        "routing_iterations": 3,
+        "coordinates": "receptive_field",
+    }
+    grid = ex.RECIPE.model_kwargs(ex.parse_args(["--coordinates", "grid"]))
+    assert grid["coordinates"] == "grid"
+    with pytest.raises(SystemExit):
+        ex.parse_args(["--coordinates", "pixels"])
     with pytest.raises(SystemExit):
         ex.parse_args(["--model", "huge"])
 

