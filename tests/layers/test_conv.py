@@ -131,6 +131,21 @@ def test_chunks_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.testing.assert_close(g2, g)
 
 
+def test_a_32x32_grid_is_routed_in_chunks_within_the_budget() -> None:
+    # the default budget: 1024 positions x 144 children x 16 parents x 8D in float32 is 75 MB of
+    # predictions, more than CHUNK_BYTES (64 MiB), so the layer routes them in two chunks
+    layer = ConvCaps2d(16, 8, 16, 8, kernel_size=3, padding=1)
+    sizes: list[int] = []
+    layer.routing.register_forward_hook(
+        lambda _m, args, _out: sizes.append(args[0].numel() * args[0].element_size())
+    )
+    with torch.no_grad():
+        out = layer(torch.randn(1, 16, 32, 32, 8))
+    assert out.shape == (1, 16, 32, 32, 8)
+    assert len(sizes) == 2 and max(sizes) <= torchcaps.layers.conv.CHUNK_BYTES
+    assert sum(sizes) == 1024 * 144 * 16 * 8 * 4
+
+
 def test_gradcheck() -> None:
     torch.manual_seed(3)
     layer = ConvCaps2d(2, 3, 2, 3, kernel_size=2, stride=1, padding=1, dtype=torch.float64)
@@ -176,6 +191,16 @@ def test_bad_input() -> None:
         ConvCaps2d(3, 4, 2, 5, kernel_size=3, routing_kwargs=[1])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="could not resolve routing 'nope'"):
         ConvCaps2d(3, 4, 2, 5, kernel_size=3, routing="nope")
+    with pytest.raises(ValueError, match=r"ConvCaps2d: in_capsules must be >= 1, got 0"):
+        ConvCaps2d(0, 4, 2, 5, kernel_size=3)
+    with pytest.raises(TypeError, match=r"ConvCaps2d: in_dim must be an int"):
+        ConvCaps2d(3, 4.0, 2, 5, kernel_size=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"ConvCaps2d: out_capsules must be >= 1, got -2"):
+        ConvCaps2d(3, 4, -2, 5, kernel_size=3)
+    with pytest.raises(ValueError, match=r"ConvCaps2d: stride\[0\] must be >= 1, got 0"):
+        ConvCaps2d(3, 4, 2, 5, kernel_size=3, stride=(0, 1))
+    with pytest.raises(TypeError, match=r"ConvCaps2d: stride"):
+        ConvCaps2d(3, 4, 2, 5, kernel_size=3, stride="2")  # type: ignore[arg-type]
 
 
 def test_repr() -> None:

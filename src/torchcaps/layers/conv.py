@@ -51,8 +51,10 @@ class ConvCaps2d(nn.Module):
     :class:`~torchcaps.routing.Routing` contract, so every routing plugs in, your own too). The
     output grid has the size of :class:`torch.nn.Conv2d`'s. Unlike :class:`Conv2dCaps` (primary
     capsules: a convolution whose channels are grouped into capsules, no routing), this layer
-    routes. In eager mode predictions are routed in chunks of at most 64 MiB (float32), so large
-    grids never hold every position's predictions at once; the result is the same. Under
+    routes. In eager mode predictions are routed in chunks of at most 64 MiB (float32), so
+    without autograd (evaluation) large grids never hold every position's predictions at once;
+    the result is the same. With autograd each chunk's predictions are kept for the backward,
+    as the routing's saved tensors, so training memory still grows with the grid. Under
     :func:`torch.compile` and :func:`torch.export.export` the layer routes in one piece, so
     that the graph does not depend on the batch size.
 
