@@ -384,16 +384,29 @@ def train_and_evaluate(name: str, s: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# The bf16 ceiling's matrix size on a CPU without bf16 instructions: bf16 products are emulated
+# there (0.3 GFLOP/s on an AMD EPYC with AVX2 only, 2026-12-07), so one 2048^2 product takes about
+# a minute, and the ceiling's four calls per repeat took most of a run; no row uses that ceiling.
+EMULATED_BF16_CEILING_SIZE = 512
+
+
+def ceiling_sizes(n: int, device_type: str, cpu_class: str) -> dict[str, int]:
+    """The matrix size of each dtype's ceiling: ``n``, less for bf16 where it is emulated."""
+    emulated = device_type == "cpu" and cpu_class == "none"
+    return {"fp32": n, "bf16": min(n, EMULATED_BF16_CEILING_SIZE) if emulated else n}
+
+
 def ceiling(s: argparse.Namespace) -> dict[str, Any]:
     """GFLOP/s of torch.mm on square matrices, fp32 and bf16 (best of a few calls)."""
     import torch
 
     device = torch.device(s.device)
-    n = s.ceiling_size
-    flops = 2.0 * n**3
-    out: dict[str, Any] = {"config": CEILING, "size": n}
+    sizes = ceiling_sizes(s.ceiling_size, device.type, bf16_class())
+    out: dict[str, Any] = {"config": CEILING, "size": s.ceiling_size}
     min_time = 0.3 if s.quick else 1.0
     for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        n = out[f"{label}_size"] = sizes[label]
+        flops = 2.0 * n**3
         gen = torch.Generator(device="cpu").manual_seed(0)
         a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
         b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
@@ -497,9 +510,11 @@ def finish(
     for key in ("train", "eval"):
         versus(rows, f"{key}_images_per_s", lambda r: "reference", f"{key}_vs_reference")
     n = s.ceiling_size
+    bf16_n = next((c.get("bf16_size", n) for c in ok_ceil), n)
     notes = [
         f"torch.mm ceiling ({n}x{n}, median of best-of-call per repeat): "
         f"fp32 {fmt(ceil['fp32'])} GFLOP/s, bf16 {fmt(ceil['bf16'])} GFLOP/s"
+        + (f" (bf16 at {bf16_n}x{bf16_n}: emulated on this CPU)" if bf16_n != n else "")
     ]
     notes += [
         f"{r['config']}: --amp {CONFIGS[r['config']]['amp']} ran as --amp "

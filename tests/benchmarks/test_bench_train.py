@@ -62,3 +62,19 @@ def test_bf16_classes_are_judged_against_the_reference(cpu_class: str, minimum: 
     got = _verdicts(rows, cpu_class)
     assert got[f"train bf16 >= {minimum}x reference"][1] == "met"
     assert "train bf16 >= fp32 (emulated bf16)" not in got
+
+
+@pytest.mark.parametrize(
+    ("device", "cpu_class", "bf16_size"),
+    [
+        ("cpu", "none", 512),
+        ("cpu", "avx512_bf16", 2048),
+        ("cpu", "amx", 2048),
+        ("cuda", "none", 2048),
+    ],
+)
+def test_the_bf16_ceiling_is_smaller_only_where_bf16_is_emulated(
+    device: str, cpu_class: str, bf16_size: int
+) -> None:
+    assert bench_train.ceiling_sizes(2048, device, cpu_class) == {"fp32": 2048, "bf16": bf16_size}
+    assert bench_train.ceiling_sizes(256, device, cpu_class) == {"fp32": 256, "bf16": 256}
