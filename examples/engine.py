@@ -316,8 +316,8 @@ def train_one_epoch(
             bad = int(first_bad)
             if bad:
                 raise NonFiniteLossError(
-                    f"the training loss is not finite ({float(loss)} at step {step + 1}) from "
-                    f"step {bad} of the epoch on (first checked at step {step + 1})"
+                    f"the training loss is not finite from step {bad} of the epoch on "
+                    f"({float(loss)} at step {step + 1}, the first check after it)"
                 )
             if on_log is not None:
                 on_log(step + 1, loss)

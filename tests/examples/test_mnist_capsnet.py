@@ -269,7 +269,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     argv = TINY + ["--epochs", "3", "--out-dir", str(tmp_path), "--log-interval", "2"]
     assert ex.main(argv) == 2
     err = capsys.readouterr().err
-    message = r"error: epoch 2: the training loss is not finite \(nan at step 2\) from step 1 "
+    message = r"error: epoch 2: the training loss is not finite from step 1 of the epoch on \(nan at step 2,"
     assert re.search(message, err), err
     assert "last.pt" in err and "--resume" in err
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1  # the good epoch
