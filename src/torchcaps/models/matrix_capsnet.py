@@ -141,6 +141,7 @@ class MatrixCapsNet(nn.Module):
         check_float(
             "class_lambda_scale", class_lambda_scale, minimum=0.0, strict_min=True, owner=owner
         )
+        check_choice("coordinates", coordinates, ("receptive_field", "grid"), owner=owner)
         em = {"iterations": routing_iterations, "beta_a_scale": 5000.0, **(routing_kwargs or {})}
         self.conv1 = nn.Conv2d(channels, conv_channels, 5, stride=2)
         self.primary = PrimaryMatrixCaps(conv_channels, primary_capsules)
@@ -150,7 +151,6 @@ class MatrixCapsNet(nn.Module):
         self.convcaps2 = ConvMatrixCaps2d(
             convcaps1_capsules, convcaps2_capsules, 3, 1, routing_kwargs=em, assignment=assignment
         )
-        check_choice("coordinates", coordinates, ("receptive_field", "grid"), owner=owner)
         below = (self.conv1, self.convcaps1, self.convcaps2)  # the 1x1 primary caps move nothing
         self.classcaps = ClassMatrixCaps(
             convcaps2_capsules,
