@@ -189,7 +189,7 @@ class _MatrixMixesBatch(_MeanVotes):
 
 
 class _OrderedChildren(_MeanVotes):
-    """Weights the first child double: the children are not a set."""
+    """Adds the first child's votes to the poses: the children are not a set."""
 
     def route(self, votes: Tensor, activations: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         poses, a, r = super().route(votes, activations)
