@@ -3,10 +3,10 @@
 For a kernel of ``KH x KW`` taps the convolution is the sum over taps ``(ky, kx)`` of a
 ``(B*H'*W', C) @ (C, O)`` product between the input pixels under that tap (a strided window
 of the channels-last input) and the tap's weight slice; the input and weight gradients are
-products of the same windows. In half precision the ``KW`` taps of one kernel row are grouped
-into one product of depth ``KW * C`` (one copy of the row's windows, one larger GEMM; the input
-gradient's product is split back onto the taps' windows); in float32 each tap is its own
-product (:func:`_tap_group`). With wide layers (the paper's PrimaryCaps: 256 -> 256 channels, 9x9,
+products of the same windows. In half precision the forward and the weight gradient group the
+``KW`` taps of one kernel row into one product of depth ``KW * C`` (one copy of the row's
+windows, one larger GEMM); in float32 each tap is its own product (:func:`_tap_group`). The
+input gradient takes one product per tap in every dtype (:func:`_products_grad_input`). With wide layers (the paper's PrimaryCaps: 256 -> 256 channels, 9x9,
 stride 2) these are large, cache-friendly GEMMs, faster than oneDNN's direct convolution on the
 CPUs measured in docs/performance.md.
 
@@ -150,25 +150,24 @@ def _products_grad_input(
     """The input gradient (B, C, H, W), a channels-last view, in the accumulation dtype.
 
     ``g``: the output gradient's rows (:func:`_grad_rows`) in ``compute``; ``out_hw``: (H', W').
+    One (rows, O) @ (O, C) product per tap, added onto the tap's window (the taps' windows
+    overlap, so one at a time). Unlike the other two passes the products are not grouped by
+    kernel row in half precision: their depth is O either way, so a group would only widen the
+    product, and its (rows, KW * C) result and float32 cast fall out of cache (the paper's
+    PrimaryCaps: 180 against 206 ms per pass on an AVX512-BF16 CPU, docs/performance.md).
     """
     b, c, h, w = x_shape
     _, _, kh, kw = weight.shape
     acc = _accumulation_dtype(compute)
     h_out, w_out = out_hw
-    group = _tap_group(compute, kw)
     taps = _taps(weight, compute)
     gxn = torch.zeros(b, h + 2 * padding[0], w + 2 * padding[1], c, dtype=acc, device=g.device)
     scratch = _Scratch()
     for rows, gs in _batch_chunks(gxn, h_out * w_out):
         g_rows = g[rows]
-        for ky, kx0 in itertools.product(range(kh), range(0, kw, group)):
-            # (rows, G * C): a group of taps in one product, then each tap's part is added to
-            # its own window (the taps' windows overlap, so one at a time).
-            n = min(group, kw - kx0)
-            cols = scratch.product(g_rows, taps[ky, _span(kx0, n, c)].t(), acc)
-            cols = cols.view(-1, h_out, w_out, n, c)
-            for kx, window in _tap_windows(gs, ky, kx0, n, h_out, w_out, stride):
-                window += cols[:, :, :, kx - kx0]
+        for ky, kx in itertools.product(range(kh), range(kw)):
+            product = scratch.product(g_rows, taps[ky, _span(kx, 1, c)].t(), acc)
+            _tap_window(gs, ky, kx, h_out, w_out, stride).add_(product.view(-1, h_out, w_out, c))
     gxn = gxn[:, padding[0] : padding[0] + h, padding[1] : padding[1] + w]
     return gxn.permute(0, 3, 1, 2)
 
@@ -396,7 +395,8 @@ def _batch_chunks(xn: Tensor, positions: int) -> Iterator[tuple[slice, Tensor]]:
 
 
 def _tap_group(compute: torch.dtype, kw: int) -> int:
-    """Taps of a kernel row per product: all ``kw`` in half precision, one in float32.
+    """Taps of a kernel row per product of the forward and the weight gradient: all ``kw`` in
+    half precision, one in float32.
 
     In bfloat16 one product of depth ``kw * C`` per row beat one per tap (measured on an
     AVX512-BF16 CPU, docs/performance.md); in float32 the per-tap products were the ones
@@ -438,14 +438,13 @@ def _tap_columns(
         yield ky, _span(kx0, n, c), cols.view(b * h_out * w_out, n * c)
 
 
-def _tap_windows(
-    xn: Tensor, ky: int, kx0: int, n: int, h_out: int, w_out: int, stride: tuple[int, int]
-) -> Iterator[tuple[int, Tensor]]:
-    """Yield ``(kx, view)``: the (B, H', W', C) window of ``xn`` under taps ``(ky, kx0 + i)``."""
+def _tap_window(
+    xn: Tensor, ky: int, kx: int, h_out: int, w_out: int, stride: tuple[int, int]
+) -> Tensor:
+    """The (B, H', W', C) window of ``xn`` (B, H, W, C) under tap ``(ky, kx)``, a view."""
     span_h = stride[0] * (h_out - 1) + 1
     span_w = stride[1] * (w_out - 1) + 1
-    for kx in range(kx0, kx0 + n):
-        yield kx, xn[:, ky : ky + span_h : stride[0], kx : kx + span_w : stride[1], :]
+    return xn[:, ky : ky + span_h : stride[0], kx : kx + span_w : stride[1], :]
 
 
 def tap_matmul_conv2d(
