@@ -2,13 +2,17 @@
 
     python benchmarks/bench_conv.py --quick
     python benchmarks/bench_conv.py --json conv.json
+    python benchmarks/bench_conv.py --amp bf16 --configs "paper PrimaryCaps: 256ch 9x9 s2 20x20"
 
 For each layer shape, a ``Conv2dCaps`` built with each ``conv_impl`` (same weights) runs
 
 - ``fwd``: the forward pass under ``torch.no_grad()`` (evaluation);
 - ``fwd+bwd``: forward and backward into the input and the weights (training);
 
-in float32 on channels-last input (what a preceding channels-last ``nn.Conv2d`` gives).
+in float32 on channels-last input (what a preceding channels-last ``nn.Conv2d`` gives), or with
+``--amp bf16`` under CPU bfloat16 autocast, as the examples' ``--amp bf16`` runs it: oneDNN's
+bf16 convolution against bf16 tap products summed in float32 (on a CPU without bf16
+instructions both are emulated; ``"auto"`` then picks float32 products).
 This file is the specification; the driver in ``_common.py`` runs it in its own process
 (``isolate=False``: a worker per shape would only repeat the imports), the shapes in a rotating
 order within each repeat. Each (shape, repeat) builds both layers from the same seed, compares
@@ -65,41 +69,65 @@ def measure(name: str, settings: argparse.Namespace) -> dict[str, Any]:
     x = torch.randn(b, c, size, size).contiguous(memory_format=torch.channels_last)
     native = build(shape, "native", None)
     layers = {"native": native, "matmul": build(shape, "matmul", native.state_dict())}
-    grad = torch.randn_like(native(x))
+    amp = torch.autocast("cpu", torch.bfloat16, enabled=settings.amp == "bf16")
+    with amp:
+        grad = torch.randn_like(native(x), dtype=torch.float32)
 
     # Agreement check (also the warm-up).
     outs = {}
     for impl, layer in layers.items():
         xi = x.clone().requires_grad_()
-        y = layer(xi)
-        y.backward(grad)
-        outs[impl] = (y.detach(), xi.grad, layer.conv.weight.grad)
+        with amp:
+            y = layer(xi)
+        y.backward(grad.to(y.dtype))
+        outs[impl] = tuple(t.float() for t in (y.detach(), xi.grad, layer.conv.weight.grad))
         layer.zero_grad(set_to_none=True)
     diff = max(
         float((a - b_).abs().max() / b_.abs().max())
         for a, b_ in zip(outs["matmul"], outs["native"], strict=True)
     )
+    with amp:
+        auto = _auto(x, native)
     result: dict[str, Any] = {
         "shape": name,
         "batch": b,
-        "auto": "matmul" if auto_tap_matmul_dtype(x, native.conv.weight) is not None else "native",
+        "auto": auto,
         "max_rel_diff": diff,
     }
     xg = x.clone().requires_grad_()
     for impl, layer in layers.items():
 
         def fwd(layer: Conv2dCaps = layer) -> None:
-            with torch.no_grad():
+            with torch.no_grad(), amp:
                 layer(x)
 
         def train(layer: Conv2dCaps = layer) -> None:
-            layer(xg).backward(grad)
+            with amp:
+                y = layer(xg)
+            y.backward(grad.to(y.dtype))
 
         for phase, fn in zip(PHASES, (fwd, train), strict=True):
             result[f"{impl}_{phase}_ms"] = 1e3 * sum(timed(fn, "cpu") for _ in range(steps)) / steps
         layer.zero_grad(set_to_none=True)
         xg.grad = None
     return result
+
+
+def _auto(x: torch.Tensor, layer: Conv2dCaps) -> str:
+    """What ``conv_impl="auto"`` picks for ``layer`` on ``x`` (in the ambient autocast)."""
+    dtype = auto_tap_matmul_dtype(x, layer.conv.weight)
+    if dtype is None:
+        return "native"
+    return "matmul" if dtype == torch.float32 else f"matmul {str(dtype).removeprefix('torch.')}"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--amp",
+        choices=("none", "bf16"),
+        default="none",
+        help="none: float32 (default); bf16: both implementations under CPU bf16 autocast",
+    )
 
 
 def finish(
@@ -124,6 +152,7 @@ SPEC = Spec(
         "steps": Setting(3, 1, "timed calls per repeat"),
     },
     measure=measure,
+    add_arguments=add_arguments,
     isolate=False,
     cpu_only=True,
     first=("shape", "batch", "auto", "max_rel_diff"),
@@ -133,6 +162,7 @@ SPEC = Spec(
         f"fwd+bwd native {r['native_fwd_bwd_ms']:.1f} ms, matmul {r['matmul_fwd_bwd_ms']:.1f} ms"
     ),
     caption=lambda s: (
+        f"{'bf16 autocast' if s.amp == 'bf16' else 'float32'}; "
         f"medians of {s.repeats} repeats (per repeat: the mean of {s.steps} calls); speed-up = "
         "native time / matmul time; max rel. diff: matmul against native"
     ),

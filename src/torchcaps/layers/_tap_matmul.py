@@ -184,6 +184,10 @@ def _products_grad_weight(
     """The weight gradient (O, C, KH, KW) in the accumulation dtype (layout: :func:`_weight_grad`).
 
     ``g``, ``out_hw``: as for :func:`_products_grad_input`; ``weight``: for its shape and layout.
+    Each product is ``(O, rows) @ (rows, n * C)``, the gradient's rows transposed once per chunk
+    times the windows as they are copied: faster than ``cols.t() @ g`` (a GEMM reading its
+    first factor transposed), and its (O, n * C) result lands on the rows of a channels-last
+    gradient's (O, C) tap slices instead of across them.
     """
     kh, kw = weight.shape[2:]
     acc = _accumulation_dtype(compute)
@@ -193,9 +197,9 @@ def _products_grad_weight(
     grad_w, gtaps = _weight_grad(weight, acc)
     scratch = _Scratch()
     for rows, xs in _batch_chunks(xn, h_out * w_out):
-        g_rows = g[rows]
+        g_t = g[rows].t().contiguous()
         for ky, taps_, cols in _tap_columns(xs, kh, kw, h_out, w_out, stride, scratch, group):
-            _add_product(gtaps[ky, taps_], cols.t(), g_rows, scratch)
+            _add_product(gtaps[ky, taps_].t(), g_t, cols, scratch)
     return grad_w
 
 
