@@ -6,9 +6,10 @@ of the channels-last input) and the tap's weight slice; the input and weight gra
 products of the same windows. In half precision the forward and the weight gradient group the
 ``KW`` taps of one kernel row into one product of depth ``KW * C`` (one copy of the row's
 windows, one larger GEMM); in float32 each tap is its own product (:func:`_tap_group`). The
-input gradient takes one product per tap in every dtype (:func:`_products_grad_input`). With wide layers (the paper's PrimaryCaps: 256 -> 256 channels, 9x9,
-stride 2) these are large, cache-friendly GEMMs, faster than oneDNN's direct convolution on the
-CPUs measured in docs/performance.md.
+input gradient takes one product per tap in every dtype (:func:`_products_grad_input`). With
+wide layers (the paper's PrimaryCaps: 256 -> 256 channels, 9x9, stride 2) these are large,
+cache-friendly GEMMs, faster than oneDNN's direct convolution on the CPUs measured in
+docs/performance.md.
 
 The products run in a *compute* dtype, float32 or bfloat16: in bfloat16 each product
 accumulates in float32 inside the GEMM and is rounded once to bfloat16, and the products are
@@ -153,8 +154,8 @@ def _products_grad_input(
     One (rows, O) @ (O, C) product per tap, added onto the tap's window (the taps' windows
     overlap, so one at a time). Unlike the other two passes the products are not grouped by
     kernel row in half precision: their depth is O either way, so a group would only widen the
-    product, and its (rows, KW * C) result and float32 cast fall out of cache (the paper's
-    PrimaryCaps: 180 against 206 ms per pass on an AVX512-BF16 CPU, docs/performance.md).
+    product, and its (rows, KW * C) result and float32 cast fall out of cache (measured on an
+    AVX512-BF16 CPU, docs/performance.md).
     """
     b, c, h, w = x_shape
     _, _, kh, kw = weight.shape
@@ -399,10 +400,10 @@ def _batch_chunks(xn: Tensor, positions: int) -> Iterator[tuple[slice, Tensor]]:
 
 
 def _tap_group(compute: torch.dtype, kw: int) -> int:
-    """Taps of a kernel row per product of the forward and the weight gradient: all ``kw`` in
-    half precision, one in float32.
+    """Taps of a kernel row per product: all ``kw`` in half precision, one in float32.
 
-    In bfloat16 one product of depth ``kw * C`` per row beat one per tap (measured on an
+    For the forward and the weight gradient (the input gradient's are one per tap). In
+    bfloat16 one product of depth ``kw * C`` per row beat one per tap (measured on an
     AVX512-BF16 CPU, docs/performance.md); in float32 the per-tap products were the ones
     measured faster than oneDNN on the Xeon the rule was tuned on, and row groups were not.
     """
