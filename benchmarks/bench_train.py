@@ -36,8 +36,13 @@ This file is the specification; the driver in ``_common.py`` runs every (configu
 repeat) in its own worker process (this script with ``--worker``; the workers import the
 example's modules from ``examples/``, which the driver puts on their ``PYTHONPATH``),
 alternates the configurations within each repeat (rotating the order) and reports medians
-over the repeats. Peak memory is the RSS high-water mark of the timed part of each phase (reset
-after the warm-up) above the worker's RSS after its imports (allocator peak on CUDA). FLOPs of
+over the repeats. Between the warm-up and the timed part of each phase the worker hands its
+freed heap back to the OS and resets the peak; one untimed step (or evaluation batch) then
+settles the heap again, because a training run never trims: its steps reuse the memory the
+first steps faulted in, and the first step after a trim re-faults all of it (measured in
+RESULTS.md, 2026-12-07). Peak memory is the RSS high-water
+mark of the settling and timed part of each phase above the worker's RSS after its imports
+(allocator peak on CUDA). FLOPs of
 one step are counted with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and
 convolutions only), once per configuration (in the first repeat), on the eager model with
 torch's convolution in PrimaryCaps (the same arithmetic as ``conv_impl="matmul"``, whose
@@ -352,6 +357,7 @@ def train_and_evaluate(name: str, s: argparse.Namespace) -> dict[str, Any]:
     result["train_warmup_s"] = time.perf_counter() - t0
     release_memory()
     memory.reset()  # the peak of the timed steps (compilation and first calls are excluded)
+    workload.train_step()  # settles the heap after the trim (see the module's docstring)
     step_s, losses = _timed_calls(workload.train_step, s.steps, device)
     result["train_peak_mb"] = memory.peak_mb() - baseline
     result["train_step_s"] = step_s
@@ -373,6 +379,7 @@ def train_and_evaluate(name: str, s: argparse.Namespace) -> dict[str, Any]:
     result["eval_warmup_s"] = time.perf_counter() - t0
     release_memory()
     memory.reset()
+    workload.eval_batch()  # settles the heap after the trim
     batch_s, correct = _timed_calls(workload.eval_batch, s.eval_batches, device)
     result["eval_peak_mb"] = memory.peak_mb() - baseline
     result["eval_memory_before_mb"] = eval_start - baseline
