@@ -552,6 +552,15 @@ FP32_TARGET = 3.0
 FP32, BF16 = "torchcaps-fp32-cl", "torchcaps-bf16-cl"
 
 
+def _digits(value: float, minimum: float) -> str:
+    """``value`` to 2 decimals, or more where 2 would round a miss up to the target (3.996x)."""
+    for places in range(2, 6):
+        text = f"{value:.{places}f}"
+        if (value >= minimum) == (float(text) >= minimum):
+            return text
+    return f"{value:.6f}"
+
+
 def judge_targets(rows: list[dict[str, Any]], cpu_class: str) -> list[dict[str, str]]:
     """The targets of ``cpu_class`` that this run measured, each with its verdict."""
     by = {r["config"]: r for r in rows}
@@ -563,7 +572,9 @@ def judge_targets(rows: list[dict[str, Any]], cpu_class: str) -> list[dict[str, 
         if value is None:
             return
         verdict = verdict or ("met" if value >= minimum else "not met")
-        out.append({"target": target, "measured": f"{value:.2f}{unit}", "verdict": verdict})
+        out.append(
+            {"target": target, "measured": _digits(value, minimum) + unit, "verdict": verdict}
+        )
 
     def ratio(config: str, key: str) -> float | None:
         return by[config].get(f"{key}_vs_reference") if config in by else None

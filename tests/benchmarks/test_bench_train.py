@@ -78,3 +78,18 @@ def test_the_bf16_ceiling_is_smaller_only_where_bf16_is_emulated(
 ) -> None:
     assert bench_train.ceiling_sizes(2048, device, cpu_class) == {"fp32": 2048, "bf16": bf16_size}
     assert bench_train.ceiling_sizes(256, device, cpu_class) == {"fp32": 256, "bf16": 256}
+
+
+def test_a_ratio_just_below_its_target_is_not_printed_as_the_target() -> None:
+    rows = [
+        _row("reference", 51.4, 80.0, 1900, "none"),
+        _row(bench_train.FP32, 105.6, 320.0, 566, "none"),
+        _row(bench_train.BF16, 205.4, 640.0, 528, "bf16"),  # 3.996x: "4.00x" would read as met
+        _row(bench_train.BF16 + "-compile", 206.0, 640.0, 600, "bf16"),
+    ]
+    for row in rows:
+        row["train_vs_reference"] = row["train_images_per_s"] / 51.4
+    got = _verdicts(rows, "avx512_bf16")
+    assert got["train bf16 >= 4x reference"] == ("3.996x", "not met")
+    assert got["train fp32 >= 3x reference"] == ("2.05x", "not met")
+    assert got["train --compile >= best eager"] == ("1.00x (compiled / eager)", "met")
