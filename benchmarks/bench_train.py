@@ -40,9 +40,8 @@ over the repeats. Between the warm-up and the timed part of each phase the worke
 freed heap back to the OS and resets the peak; one untimed step (or evaluation batch) then
 settles the heap again, because a training run never trims: its steps reuse the memory the
 first steps faulted in, and the first step after a trim re-faults all of it (measured in
-RESULTS.md, 2026-12-07). Peak memory is the RSS high-water
-mark of the settling and timed part of each phase above the worker's RSS after its imports
-(allocator peak on CUDA). FLOPs of
+RESULTS.md, 2026-12-07). Peak memory is the RSS high-water mark of the settling and timed
+part of each phase above the worker's RSS after its imports (allocator peak on CUDA). FLOPs of
 one step are counted with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and
 convolutions only), once per configuration (in the first repeat), on the eager model with
 torch's convolution in PrimaryCaps (the same arithmetic as ``conv_impl="matmul"``, whose
