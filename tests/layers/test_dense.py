@@ -209,6 +209,21 @@ def test_auto_chunk_size_from_the_byte_budget() -> None:
     assert DenseCaps(1152, 8, 10, 16, batch_chunk=7)._chunk_size(u) == 7
 
 
+def test_auto_chunks_are_half_as_large_where_autograd_records_nothing() -> None:
+    layer = DenseCaps(1152, 8, 10, 16)
+    u = torch.zeros(100, 1152, 8)
+    with torch.no_grad():
+        assert layer._chunk_size(u) == 8 * 1024 * 1024 // 737_280 == 11
+    with torch.inference_mode():
+        assert layer._chunk_size(u) == 11
+    layer.requires_grad_(False)
+    assert layer._chunk_size(u) == 11  # frozen weights, an input without grad
+    assert layer._chunk_size(u.requires_grad_()) == 22
+    # in_dim still bounds the chunk: 4 MiB per example gives 2 < in_dim = 8, no chunking
+    with torch.no_grad():
+        assert DenseCaps(4, 8, 1024, 256)._chunk_size(torch.zeros(5, 4, 8)) == 5
+
+
 def test_auto_does_not_chunk_off_cpu_or_when_tracing() -> None:
     layer = DenseCaps(1152, 8, 10, 16, device="meta")
     assert layer._chunk_size(torch.zeros(100, 1152, 8, device="meta")) == 100

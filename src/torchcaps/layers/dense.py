@@ -21,9 +21,12 @@ from torchcaps.routing import Routing, resolve_routing
 
 __all__ = ["DenseCaps"]
 
-# batch_chunk="auto" on CPU: float32 predictions per chunk at most this many bytes (the rule
-# and its measurements: docs/performance.md).
+# batch_chunk="auto" on CPU: float32 predictions per chunk at most this many bytes when autograd
+# records the chunk (each chunk then adds a pass over the weight gradient), and at most the
+# smaller budget when it does not (evaluation); the rule and its measurements:
+# docs/performance.md.
 _AUTO_CHUNK_BYTES = 16 * 1024 * 1024
+_AUTO_NO_GRAD_CHUNK_BYTES = 8 * 1024 * 1024
 
 
 class DenseCaps(nn.Module):
@@ -52,9 +55,10 @@ class DenseCaps(nn.Module):
             through all routing rounds; the result is the same (routing treats examples
             independently, see :class:`~torchcaps.routing.Routing`). ``None``: the whole batch
             at once. ``"auto"`` (default): on CPU in eager mode, chunks whose float32
-            predictions take at most 16 MiB (22 examples for the paper's DigitCaps), the whole
-            batch elsewhere; the rule and its measurements are on the
-            :doc:`Performance </performance>` page.
+            predictions take at most 16 MiB where autograd records the forward (22 examples
+            for the paper's DigitCaps) and at most 8 MiB where it does not (11 examples:
+            evaluation under ``torch.no_grad()``), the whole batch elsewhere; the rule and its
+            measurements are on the :doc:`Performance </performance>` page.
         device: device of the parameters.
         dtype: dtype of the parameters.
 
@@ -180,7 +184,10 @@ class DenseCaps(nn.Module):
         if u.device.type != "cpu" or in_graph_capture():
             return max(batch, 1)
         per_example = self.in_capsules * self.out_capsules * self.out_dim * 4
-        chunk = _AUTO_CHUNK_BYTES // per_example
+        records = torch.is_grad_enabled() and (
+            u.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        chunk = (_AUTO_CHUNK_BYTES if records else _AUTO_NO_GRAD_CHUNK_BYTES) // per_example
         # Each chunk adds a pass over the weight gradient, in_dim times the size of one
         # example's predictions: chunks of fewer than in_dim examples cost more than they save.
         return chunk if chunk >= self.in_dim else max(batch, 1)
