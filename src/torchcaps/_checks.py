@@ -38,6 +38,16 @@ def is_exporting() -> bool:
     return bool(torch.compiler.is_exporting())
 
 
+def is_compiling_to_run() -> bool:
+    """Under ``torch.compile``, but not export or TorchScript tracing.
+
+    Where the CPU fast paths run as opaque operators (``torchcaps::tap_conv2d``,
+    ``torchcaps::dense_dynamic_routing``): the compiled graph calls them on real tensors,
+    while export and tracing must keep torch's own operations.
+    """
+    return is_compiling() and not is_exporting() and not torch.jit.is_tracing()
+
+
 def is_functorch_wrapped(x: Tensor) -> bool:
     """Whether ``x`` is wrapped by a functorch transform (``vmap``, ``grad``, ...).
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.autograd import gradcheck, gradgradcheck
 
@@ -185,6 +185,28 @@ def test_hand_written_backward_matches_autograd(
             assert a is None or not a.any()
         else:
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    scale=st.sampled_from([0.0, 1e-30, 1e-3, 1.0, 1e3, 1e30]),
+    eps=st.sampled_from([1e-12, 1e-8, 1e-3]),
+)
+def test_squash_backward_matches_autograd(seed: int, scale: float, eps: float) -> None:
+    # The written-out gradient of squash that the hand-written backward uses, against autograd
+    # through squash itself, from zero vectors to huge norms, in float64 and float32.
+    g = torch.Generator().manual_seed(seed)
+    for dtype in (torch.float64, torch.float32):
+        s = (torch.randn(7, 5, generator=g, dtype=torch.float64) * scale).to(dtype)
+        s[0] = 0.0
+        grad = torch.randn(7, 5, generator=g, dtype=torch.float64).to(dtype)
+        sr = s.clone().requires_grad_()
+        (expected,) = torch.autograd.grad(squash(sr, dim=-1, eps=eps), sr, grad)
+        got = dynamic._squash_backward(s, grad, eps)
+        assert bool(torch.isfinite(got).all())
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
 
 
 def test_hand_written_backward_gradcheck_and_double_backward() -> None:

@@ -12,13 +12,15 @@ from torch import Tensor
 from torchcaps._checks import float32_compute, no_autocast
 
 
-def predictions(u: Tensor, weight: Tensor, out_capsules: int, out_dim: int) -> Tensor:
+def predictions(
+    u: Tensor, weight: Tensor, out_capsules: int, out_dim: int, out: Tensor | None = None
+) -> Tensor:
     r"""Prediction vectors :math:`\hat{u}_{j|i} = W_{ij} u_i` of every child for every parent.
 
     ``u`` (B, N_in, D_in) and ``weight`` (N_in, D_in, N_out * D_out) give (B, N_in, N_out, D_out)
     in one batched matmul over the children, in float32 with autocast off. The result is a
     transposed view of a (B, N_out, N_in, D_out)-contiguous buffer, the layout the routing
-    reductions read fastest.
+    reductions read fastest: ``out``, a float32 (B, N_out, N_in, D_out) tensor, if given.
     """
     batch, n_in = u.shape[0], u.shape[1]
     with no_autocast(u.device):
@@ -26,8 +28,10 @@ def predictions(u: Tensor, weight: Tensor, out_capsules: int, out_dim: int) -> T
         w = weight.to(u32.dtype) if weight.dtype != u32.dtype else weight
         # (N_in, B, D_in) @ (N_in, D_in, N_out*D_out) -> (N_in, B, N_out*D_out)
         pred = torch.bmm(u32.transpose(0, 1), w)
-        pred = pred.view(n_in, batch, out_capsules, out_dim)
-        return pred.permute(1, 2, 0, 3).contiguous().transpose(1, 2)
+        pred = pred.view(n_in, batch, out_capsules, out_dim).permute(1, 2, 0, 3)
+        if out is None:
+            return pred.contiguous().transpose(1, 2)
+        return out.copy_(pred).transpose(1, 2)
 
 
 def output_size(

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from torchcaps._checks import in_graph_capture, is_compiling, is_exporting, is_functorch_wrapped
+from torchcaps._checks import in_graph_capture, is_compiling_to_run, is_functorch_wrapped
 
 __all__: list[str] = []
 
@@ -472,7 +472,11 @@ def tap_matmul_conv2d(
     autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
     if compute_dtype is None:
         compute_dtype = torch.get_autocast_dtype(device) if autocast else weight.dtype
-    if _compiling() and weight.dtype == torch.float32 and compute_dtype in _OPERATOR_DTYPES:
+    if (
+        is_compiling_to_run()
+        and weight.dtype == torch.float32
+        and compute_dtype in _OPERATOR_DTYPES
+    ):
         return _tap_conv2d_op(x, weight, bias, list(stride), list(padding), compute_dtype)
     if not autocast:
         return _TapMatmulConv2d.apply(x, weight, bias, stride, padding, compute_dtype).to(
@@ -480,11 +484,6 @@ def tap_matmul_conv2d(
         )
     with torch.autocast(device_type=device, enabled=False):
         return _TapMatmulConv2d.apply(x, weight, bias, stride, padding, compute_dtype)
-
-
-def _compiling() -> bool:
-    """Under torch.compile, but not export or TorchScript tracing."""
-    return is_compiling() and not is_exporting() and not torch.jit.is_tracing()
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: called, not traced
@@ -529,7 +528,7 @@ def auto_tap_matmul_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
     float32, for a float32 input. Under CPU bfloat16 autocast: bfloat16 where the CPU has bf16
     instructions, float32 where bf16 would be emulated (slower than float32).
     """
-    if _compiling():
+    if is_compiling_to_run():
         plain = True  # dynamo traces with fake tensors; the operator runs on real ones
     elif in_graph_capture():
         return None

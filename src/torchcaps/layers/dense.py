@@ -13,11 +13,13 @@ from torchcaps._checks import (
     check_int,
     check_tensor,
     in_graph_capture,
+    is_compiling_to_run,
     shape_str,
 )
 from torchcaps.errors import ShapeError
 from torchcaps.layers._common import layer_routing, predictions, route_in_chunks
-from torchcaps.routing import Routing, resolve_routing
+from torchcaps.layers._dense_routing_op import dense_dynamic_routing
+from torchcaps.routing import DynamicRouting, Routing, resolve_routing
 
 __all__ = ["DenseCaps"]
 
@@ -169,19 +171,56 @@ class DenseCaps(nn.Module):
         check_tensor("input", x, owner="DenseCaps")
         out_dtype = autocast_dtype_out(x)
         u = self._flatten_input(x)
+        if not return_coupling and self._routes_as_operator(u):
+            routing = self.routing
+            assert isinstance(routing, DynamicRouting)
+            options = (routing.iterations, routing.eps, routing.stop_gradient)
+            chunk = self._chunk_size(u, capture=False)
+            dims = (self.out_capsules, self.out_dim)
+            v = dense_dynamic_routing(u, self.weight, routing.log_prior, *dims, options, chunk)
+            return v.to(out_dtype)
         v, c = route_in_chunks(self, u, self._chunk_size(u), return_coupling)
         if c is not None:
             return v.to(out_dtype), c
         return v.to(out_dtype)
 
-    def _chunk_size(self, u: Tensor) -> int:
-        """Examples per routing chunk for input ``u`` (B, N_in, D_in); B means no chunking."""
+    def _routes_as_operator(self, u: Tensor) -> bool:
+        """Whether to predict and route as ``torchcaps::dense_dynamic_routing`` (compiled, CPU).
+
+        For the paper's routing only (exactly :class:`~torchcaps.DynamicRouting`, whose rounds
+        the operator runs), a float32 weight and prior, and a floating-point input of at most
+        float32 (the eager rules: ``layers/_dense_routing_op.py``).
+        """
+        prior = getattr(self.routing, "log_prior", None)
+        return (
+            is_compiling_to_run()
+            and type(self.routing) is DynamicRouting
+            and u.device.type == "cpu"
+            and u.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and self.weight.dtype == torch.float32
+            and (
+                prior is None
+                or (
+                    prior.dtype == torch.float32
+                    and prior.shape == (self.in_capsules, self.out_capsules)
+                )
+            )
+        )
+
+    def _chunk_size(self, u: Tensor, capture: bool | None = None) -> int:
+        """Examples per routing chunk for input ``u`` (B, N_in, D_in); B means no chunking.
+
+        ``capture``: whether a graph capture is running (``"auto"`` does not chunk then); by
+        default :func:`in_graph_capture`. The compile operator asks for the eager rule.
+        """
         batch = u.shape[0]
         if self.batch_chunk is None:
             return max(batch, 1)
         if self.batch_chunk != "auto":
             return self.batch_chunk
-        if u.device.type != "cpu" or in_graph_capture():
+        if capture is None:
+            capture = in_graph_capture()
+        if u.device.type != "cpu" or capture:
             return max(batch, 1)
         per_example = self.in_capsules * self.out_capsules * self.out_dim * 4
         records = torch.is_grad_enabled() and (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -244,65 +245,109 @@ class _RoutingRounds(torch.autograd.Function):
     def backward(
         ctx: Any, grad_v: Tensor | None, grad_c: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        iterations, eps, stop_gradient = ctx.options
+        iterations = ctx.options[0]
         u, prior, *rest = ctx.saved_tensors
         nones = (None, None, None)
         if grad_v is None and grad_c is None:
             return (None, None, *nones)
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain rounds
             return _double_backward(u, prior, ctx.options, grad_v, grad_c) + nones
-        batch, n_out, n_in, dim = u.shape
         k = iterations - int(ctx.uniform_first)
-        cs: list[Tensor | None] = [None] * int(ctx.uniform_first) + rest[:k]
+        cs: list[Tensor | None] = [None] * int(ctx.uniform_first) + list(rest[:k])
         ss, vs = rest[k : k + iterations], rest[k + iterations :]
-        u3 = u.view(batch * n_out, n_in, dim)
-        # grad_u = sum over the terms of (coefficient per child) x (vector per parent).
-        child_terms: list[Tensor] = []
-        parent_terms: list[Tensor] = []
-        grad_b: Tensor | None = None  # total gradient of the next round's logits
-        gv = (
-            grad_v.reshape(batch * n_out, dim)
-            if grad_v is not None
-            else u.new_zeros(batch * n_out, dim)
+        grad_u, grad_b = _rounds_backward(
+            u, cs, ss, vs, ctx.options, grad_v, grad_c, need_u=ctx.needs_input_grad[0]
         )
-        for r in reversed(range(iterations)):
-            last = r == iterations - 1
-            inner_grad = last or not stop_gradient
-            if not last:
-                # b_{r+1} = b_r + a_r with a_r = <u, v_r>: a_r's gradient is grad_b.
-                if grad_b is None:
-                    gv = u.new_zeros(batch * n_out, dim)
-                else:
-                    ga = grad_b.reshape(batch * n_out, n_in)
-                    if inner_grad:
-                        child_terms.append(ga)
-                        parent_terms.append(vs[r])
-                    gv = _weighted_sum(ga, u3)
-            with torch.enable_grad():
-                s = ss[r].detach().requires_grad_()
-                (gs,) = torch.autograd.grad(squash(s, dim=-1, eps=eps), s, gv)
-            c = cs[r]
-            if inner_grad:
-                child_terms.append(
-                    c.reshape(batch * n_out, n_in)
-                    if c is not None
-                    else u.new_full((batch * n_out, n_in), 1.0 / n_out)
-                )
-                parent_terms.append(gs)
-            if c is not None:
-                gc = _agreement(u3, gs).view(batch, n_out, n_in)
-                if last and grad_c is not None:
-                    gc = gc + grad_c
-                gb = c * (gc - (c * gc).sum(dim=1, keepdim=True))  # softmax over the parents
-                grad_b = gb if grad_b is None else gb + grad_b
-        grad_u = grad_prior = None
-        if ctx.needs_input_grad[0]:
-            coeff = torch.stack(child_terms, dim=-1)  # (B*N_out, N_in, K)
-            vecs = torch.stack(parent_terms, dim=1)  # (B*N_out, K, D)
-            grad_u = torch.bmm(coeff, vecs).view(batch, n_out, n_in, dim)
+        grad_prior = None
         if ctx.needs_input_grad[1] and grad_b is not None:
             grad_prior = grad_b.sum(dim=0)
         return (grad_u, grad_prior, *nones)
+
+
+def _rounds_backward(
+    u: Tensor,
+    cs: list[Tensor | None],
+    ss: Sequence[Tensor],
+    vs: Sequence[Tensor],
+    options: tuple[int, float, bool],
+    grad_v: Tensor | None,
+    grad_c: Tensor | None,
+    *,
+    need_u: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The hand-written backward of :func:`_rounds` (see :class:`_RoutingRounds`).
+
+    ``u`` (B, N_out, N_in, D); ``cs``, ``ss``, ``vs``: every round's coupling (B, N_out, N_in)
+    or ``None`` (uniform), ``s`` and ``v`` (B * N_out, D), as :func:`_rounds` traces them;
+    ``options``: ``(iterations, eps, stop_gradient)``. Returns ``grad_u`` (``None`` unless
+    ``need_u``) and the gradient of the first round's logits (B, N_out, N_in), ``None`` when
+    no round has a softmax.
+    """
+    iterations, eps, stop_gradient = options
+    batch, n_out, n_in, dim = u.shape
+    u3 = u.view(batch * n_out, n_in, dim)
+    # grad_u = sum over the terms of (coefficient per child) x (vector per parent).
+    child_terms: list[Tensor] = []
+    parent_terms: list[Tensor] = []
+    grad_b: Tensor | None = None  # total gradient of the next round's logits
+    gv = (
+        grad_v.reshape(batch * n_out, dim)
+        if grad_v is not None
+        else u.new_zeros(batch * n_out, dim)
+    )
+    for r in reversed(range(iterations)):
+        last = r == iterations - 1
+        inner_grad = last or not stop_gradient
+        if not last:
+            # b_{r+1} = b_r + a_r with a_r = <u, v_r>: a_r's gradient is grad_b.
+            if grad_b is None:
+                gv = u.new_zeros(batch * n_out, dim)
+            else:
+                ga = grad_b.reshape(batch * n_out, n_in)
+                if inner_grad:
+                    child_terms.append(ga)
+                    parent_terms.append(vs[r])
+                gv = _weighted_sum(ga, u3)
+        gs = _squash_backward(ss[r], gv, eps)
+        c = cs[r]
+        if inner_grad:
+            child_terms.append(
+                c.reshape(batch * n_out, n_in)
+                if c is not None
+                else u.new_full((batch * n_out, n_in), 1.0 / n_out)
+            )
+            parent_terms.append(gs)
+        if c is not None:
+            gc = _agreement(u3, gs).view(batch, n_out, n_in)
+            if last and grad_c is not None:
+                gc = gc + grad_c
+            gb = c * (gc - (c * gc).sum(dim=1, keepdim=True))  # softmax over the parents
+            grad_b = gb if grad_b is None else gb + grad_b
+    grad_u = None
+    if need_u:
+        coeff = torch.stack(child_terms, dim=-1)  # (B*N_out, N_in, K)
+        vecs = torch.stack(parent_terms, dim=1)  # (B*N_out, K, D)
+        grad_u = torch.bmm(coeff, vecs).view(batch, n_out, n_in, dim)
+    return grad_u, grad_b
+
+
+def _squash_backward(s: Tensor, grad: Tensor, eps: float) -> Tensor:
+    """The gradient of :func:`~torchcaps.squash` (last dim) at ``s`` given the output gradient.
+
+    Written out, not taken from autograd, so that it also runs where autograd records nothing
+    (inside the compile operator's backward). It follows squash's own steps backwards, in the
+    order autograd takes them, so that it stays finite wherever squash's gradient is (huge
+    norms included): ``v = s / d`` with ``d = n + 1 / n`` and ``n = sqrt(|s|^2 + eps)``, ``n``
+    constant where squash clamps it.
+    """
+    n2 = s.square().sum(dim=-1, keepdim=True) + eps
+    tiny = torch.finfo(s.dtype).tiny
+    n = torch.sqrt(n2.clamp_min(tiny))
+    d = n + 1.0 / n
+    grad_d = -(grad * s).sum(dim=-1, keepdim=True) / (d * d)
+    grad_n = grad_d * (1.0 - 1.0 / (n * n))
+    grad_n2 = torch.where(n2 >= tiny, grad_n / (2.0 * n), 0.0)
+    return grad / d + s * (2.0 * grad_n2)
 
 
 def _double_backward(
