@@ -146,15 +146,19 @@ def _bf16_exact(t: torch.Tensor | None) -> torch.Tensor | None:
 
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("chunk_rows", [7, 10**9])
+@pytest.mark.parametrize("weight_cl", [False, True], ids=["weight-nchw", "weight-nhwc"])
 def test_bfloat16_products_sum_in_float32(
-    monkeypatch: pytest.MonkeyPatch, config: tuple, chunk_rows: int
+    monkeypatch: pytest.MonkeyPatch, config: tuple, chunk_rows: int, weight_cl: bool
 ) -> None:
     # Each GEMM accumulates in float32 and rounds its result once to bfloat16 (relative error
     # <= 2**-9); the results are summed in float32. So every error is within 2**-8 of the same
     # computation on absolute values (float32 sums in bfloat16 would exceed it: each of the
     # many roundings is relative to a running sum).
+    # (a channels-last weight is cast to bfloat16 in its own layout, a contiguous one transposed)
     monkeypatch.setattr(torchcaps.layers._tap_matmul, "CHUNK_ROWS", chunk_rows)
-    x, weight, bias = _inputs(config, torch.float32, channels_last=True)
+    x, weight, bias = _inputs(
+        config, torch.float32, channels_last=True, weight_channels_last=weight_cl
+    )
     stride, padding = config[6], config[7]
     args = [t.requires_grad_() for t in (x, weight, bias) if t is not None]
     y = tap_matmul_conv2d(*args[:2], bias, stride, padding, torch.bfloat16)

@@ -60,11 +60,15 @@ def _nhwc(x: Tensor, padding: tuple[int, int], dtype: torch.dtype) -> Tensor:
 def _taps(weight: Tensor, dtype: torch.dtype) -> Tensor:
     """The weight (O, C, KH, KW) as (KH, KW * C, O) tap matrices of ``dtype``.
 
-    A view of a weight of that dtype whose layout has one (a channels-last weight: each tap's
-    (C, O) matrix is then a transposed, BLAS-ready view), a contiguous copy otherwise.
+    A view of a channels-last weight, or of its cast to ``dtype`` in the same layout (each
+    tap's (C, O) matrix is then a transposed, BLAS-ready view; the cast is a plain elementwise
+    copy, several times faster than one that also transposes); a contiguous copy otherwise.
     """
-    if weight.dtype == dtype:
-        view = _tap_matrices(weight)
+    cast = weight
+    if weight.dtype != dtype and weight.is_contiguous(memory_format=torch.channels_last):
+        cast = weight.to(dtype)  # keeps the channels-last strides
+    if cast.dtype == dtype:
+        view = _tap_matrices(cast)
         if view is not None:
             return view
     o, c, kh, kw = weight.shape
