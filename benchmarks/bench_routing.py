@@ -131,6 +131,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=3,
         help="routing iterations (dynamic routing in dynamic, convcaps; EM in em, conv_em)",
     )
+    p.add_argument(
+        "--batch-chunk",
+        type=_batch_chunk,
+        default="auto",
+        help="DenseCaps' batch_chunk in the dense torchcaps layers: auto, none or a number of "
+        "examples (the evidence for the auto rule, docs/performance.md)",
+    )
+
+
+def _batch_chunk(text: str) -> int | str | None:
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"auto, none or a positive int, got {text!r}")
+    return value
 
 
 def prepare(s: argparse.Namespace, names: list[str]) -> list[str]:
@@ -158,7 +177,9 @@ def prepare(s: argparse.Namespace, names: list[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Worker side
 # --------------------------------------------------------------------------------------------
-def build_layer(impl: str, case: Case, iterations: int, device: Any) -> Any:
+def build_layer(
+    impl: str, case: Case, iterations: int, device: Any, batch_chunk: int | str | None = "auto"
+) -> Any:
     import torchcaps
 
     if case.layer == "em":
@@ -196,7 +217,10 @@ def build_layer(impl: str, case: Case, iterations: int, device: Any) -> Any:
             "self_attention": lambda: torchcaps.SelfAttentionRouting(learned_prior=(n_in, n_out)),
             "inverted_dot_product": lambda: torchcaps.InvertedDotProductRouting(d_out),
         }[case.layer]()
-        return torchcaps.DenseCaps(n_in, d_in, n_out, d_out, routing=routing).to(device)
+        layer = torchcaps.DenseCaps(
+            n_in, d_in, n_out, d_out, routing=routing, batch_chunk=batch_chunk
+        )
+        return layer.to(device)
     import reference_capsnet as ref
     import reference_routing as rr
 
@@ -281,7 +305,7 @@ def measure(name: str, s: argparse.Namespace) -> dict[str, Any]:
     batch = case.quick_batch if s.quick else case.batch
     device = torch.device(s.device)
     torch.manual_seed(s.seed)
-    layer = build_layer(impl, case, s.iterations, device)
+    layer = build_layer(impl, case, s.iterations, device, s.batch_chunk)
     gen = torch.Generator().manual_seed(s.seed)
     u_shapes, v_shapes = input_shapes(case, batch)
     inputs = [u.to(device).requires_grad_(True) for u in make_inputs(case, batch, gen)]
@@ -299,6 +323,7 @@ def measure(name: str, s: argparse.Namespace) -> dict[str, Any]:
         "input_shape": list(u_shapes[0]),
         "output_shape": list(v_shapes[0]),
         "iterations": s.iterations,
+        "batch_chunk": s.batch_chunk if impl == "torchcaps" else None,
         "num_parameters": sum(p.numel() for p in layer.parameters()),
     }
 
