@@ -59,8 +59,10 @@ class DenseCaps(nn.Module):
             at once. ``"auto"`` (default): on CPU in eager mode, chunks whose float32
             predictions take at most 16 MiB where autograd records the forward (22 examples
             for the paper's DigitCaps) and at most 8 MiB where it does not (11 examples:
-            evaluation under ``torch.no_grad()``), the whole batch elsewhere; the rule and its
-            measurements are on the :doc:`Performance </performance>` page.
+            evaluation under ``torch.no_grad()``), the whole batch elsewhere; under
+            :func:`torch.compile` on CPU a :class:`~torchcaps.DynamicRouting` layer keeps
+            these chunks inside the operator ``torchcaps::dense_dynamic_routing``. The rule
+            and its measurements are on the :doc:`Performance </performance>` page.
         device: device of the parameters.
         dtype: dtype of the parameters.
 
