@@ -12,6 +12,7 @@ from torchcaps._checks import check_int
 from torchcaps.decoders import MaskedDecoder
 from torchcaps.functional import capsule_lengths
 from torchcaps.layers import Conv2dCaps, DenseCaps
+from torchcaps.layers._single_channel_conv import conv2d as single_channel_conv2d
 from torchcaps.models._api import (
     CapsuleOutput,
     check_image_model_args,
@@ -151,7 +152,7 @@ class CapsNet(nn.Module):
     def forward(self, x: Tensor, target: Tensor | None = None) -> CapsuleOutput:
         """Class scores, class capsules and (with the decoder) the reconstruction."""
         check_images(x, self.in_shape, "CapsNet")
-        v = self.digits(self.primary(F.relu(self.conv1(x))))
+        v = self.digits(self.primary(F.relu(single_channel_conv2d(self.conv1, x))))
         recon = self.decoder(v, target) if self.decoder is not None else None
         return CapsuleOutput(capsule_lengths(v), v, recon)
 
