@@ -111,3 +111,18 @@ def bilinear_sample(img: torch.Tensor, x: float, y: float) -> float:
 # epoch, 32 test images in one batch.
 SHORT_RUN = ["--embedded-sample", "--quiet", "--max-train-samples", "64", "--max-steps", "2",
              "--max-test-samples", "32", "--test-batch-size", "32"]  # fmt: skip
+
+
+def compiled_graph_targets(module: Any, *args: torch.Tensor) -> tuple[set, Any]:
+    """Compile ``module`` (fullgraph, a backend that records the graph and runs it as traced),
+    call it on ``args``; return the targets of the one graph's nodes and the result."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(module, backend=backend, fullgraph=True)(*args)
+    assert len(graphs) == 1
+    return {node.target for node in graphs[0].graph.nodes}, out

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
+from _helpers import compiled_graph_targets
 from torchcaps import DenseCaps, DynamicRouting, SelfAttentionRouting
 from torchcaps.layers._common import predictions
 from torchcaps.layers._dense_routing_op import _forward_op, dense_dynamic_routing
@@ -122,19 +123,6 @@ def test_saves_nothing_where_no_graph_is_recorded() -> None:
     ]
 
 
-def _graph_targets(module: torch.nn.Module, *args: torch.Tensor) -> tuple[set, torch.Tensor]:
-    graphs: list[torch.fx.GraphModule] = []
-
-    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    out = torch.compile(module, backend=backend, fullgraph=True)(*args)
-    assert len(graphs) == 1
-    return {node.target for node in graphs[0].graph.nodes}, out
-
-
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_compiled_dense_caps_runs_the_operator_and_matches_eager(routing: tuple) -> None:
     torch.manual_seed(0)
@@ -142,7 +130,7 @@ def test_compiled_dense_caps_runs_the_operator_and_matches_eager(routing: tuple)
     layer.batch_chunk = "auto"
     x = torch.randn(7, 6, 3)
     xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
-    targets, got = _graph_targets(layer, xc)
+    targets, got = compiled_graph_targets(layer, xc)
     assert OP in targets, targets
     expected = layer(xe)
     grad = torch.randn_like(expected)
@@ -164,7 +152,7 @@ def test_compiled_under_bf16_autocast_matches_eager() -> None:
         xr = x.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             if compiled:
-                targets, v = _graph_targets(layer, xr)
+                targets, v = compiled_graph_targets(layer, xr)
                 assert OP in targets, targets
             else:
                 v = layer(xr)
@@ -183,7 +171,7 @@ def test_other_routings_and_couplings_keep_the_plain_graph() -> None:
 
     x = torch.randn(3, 6, 3)
     for routing in (MyRouting(2), SelfAttentionRouting((6, 4))):
-        targets, _ = _graph_targets(DenseCaps(6, 3, 4, 5, routing=routing), x)
+        targets, _ = compiled_graph_targets(DenseCaps(6, 3, 4, 5, routing=routing), x)
         assert OP not in targets, targets
 
     class WithCoupling(torch.nn.Module):
@@ -194,7 +182,7 @@ def test_other_routings_and_couplings_keep_the_plain_graph() -> None:
         def forward(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return self.caps(t, return_coupling=True)
 
-    targets, _ = _graph_targets(WithCoupling(), x)
+    targets, _ = compiled_graph_targets(WithCoupling(), x)
     assert OP not in targets, targets
 
 

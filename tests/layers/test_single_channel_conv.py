@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from _helpers import compiled_graph_targets
 from torchcaps.layers._single_channel_conv import _forward_op, conv2d
 from torchcaps.models import CapsNet
 
@@ -23,19 +24,6 @@ class _Stem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(conv2d(self.conv, x))
-
-
-def _compiled_targets(module: nn.Module, x: torch.Tensor) -> tuple[set, torch.Tensor]:
-    graphs: list[torch.fx.GraphModule] = []
-
-    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    y = torch.compile(module, backend=backend, fullgraph=True)(x)
-    assert len(graphs) == 1
-    return {node.target for node in graphs[0].graph.nodes}, y
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -55,7 +43,7 @@ def test_compiled_matches_eager_autocast(
         xr = x.clone().requires_grad_()
         with torch.autocast("cpu", dtype=dtype):
             if compiled:
-                targets, y = _compiled_targets(stem, xr)
+                targets, y = compiled_graph_targets(stem, xr)
                 assert OP in targets, targets
             else:
                 y = stem(xr)
@@ -71,10 +59,10 @@ def test_compiled_matches_eager_autocast(
 def test_plain_convolution_elsewhere() -> None:
     """Outside autocast, with more than one input channel, and under export: plain graphs."""
     x1, x3 = torch.randn(2, 1, 8, 8), torch.randn(2, 3, 8, 8)
-    targets, _ = _compiled_targets(_Stem(nn.Conv2d(1, 4, 3)), x1)
+    targets, _ = compiled_graph_targets(_Stem(nn.Conv2d(1, 4, 3)), x1)
     assert OP not in targets
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        targets, _ = _compiled_targets(_Stem(nn.Conv2d(3, 4, 3)), x3)
+        targets, _ = compiled_graph_targets(_Stem(nn.Conv2d(3, 4, 3)), x3)
         assert OP not in targets
         program = torch.export.export(_Stem(nn.Conv2d(1, 4, 3)), (x1,))
     assert not any("torchcaps" in str(node.target) for node in program.graph.nodes)
@@ -88,7 +76,7 @@ def test_opcheck() -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(1, 4, 3, stride=2, padding=1).to(memory_format=torch.channels_last)
     x = torch.randn(2, 1, 9, 8, requires_grad=True)
-    args = (x, conv.weight, conv.bias, [2, 2], [1, 1], [1, 1], 1, torch.bfloat16)
+    args = (x, conv.weight, conv.bias, [2, 2], [1, 1], 1, torch.bfloat16)
     torch.library.opcheck(_forward_op, args)
 
 
@@ -98,7 +86,7 @@ def test_capsnet_compiled_under_autocast_runs_its_first_convolution_as_the_opera
     model = model.eval().to(memory_format=torch.channels_last)
     x = torch.rand(2, 1, 20, 20)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        targets, got = _compiled_targets(model, x)
+        targets, got = compiled_graph_targets(model, x)
         expected = model(x)
     assert OP in targets, targets
     torch.testing.assert_close(got.scores, expected.scores, atol=1e-6, rtol=1e-5)

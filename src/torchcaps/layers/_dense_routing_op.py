@@ -168,11 +168,10 @@ def _backward_op(
                 grad_u[rows] = torch.bmm(g_pred, weight.transpose(1, 2)).transpose(0, 1)
             if need_weight:
                 grad_w.baddbmm_(x[rows].transpose(0, 1).transpose(1, 2), g_pred)
-        grad_prior = prior.new_zeros(prior.shape) if need_prior and prior is not None else None
-        if grad_prior is not None and grad_b is not None:
-            grad_prior = grad_b.t().contiguous()
-    empty = u.new_empty(0)
-    return grad_u.to(u.dtype), grad_w, grad_prior if grad_prior is not None else empty
+    # grad_b is summed only where the prior's gradient is needed (with a prior every round has
+    # a softmax, so it is then never None)
+    grad_prior = grad_b.t().contiguous() if grad_b is not None else u.new_empty(0)
+    return grad_u.to(u.dtype), grad_w, grad_prior
 
 
 @_backward_op.register_fake

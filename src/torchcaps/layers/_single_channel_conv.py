@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchcaps._checks import is_compiling_to_run
+from torchcaps.layers._common import output_size
 
 __all__: list[str] = []
 
@@ -31,7 +32,7 @@ def conv2d(conv: nn.Conv2d, x: Tensor) -> Tensor:
     if not _as_operator(conv, x):
         return conv(x)
     dtype = torch.get_autocast_dtype("cpu")
-    args = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups, dtype)
+    args = (list(conv.stride), list(conv.padding), conv.groups, dtype)
     return _forward_op(x, conv.weight, conv.bias, *args)
 
 
@@ -45,20 +46,10 @@ def _as_operator(conv: nn.Conv2d, x: Tensor) -> bool:
         and x.dim() == 4
         and conv.padding_mode == "zeros"
         and not isinstance(conv.padding, str)
+        and conv.dilation == (1, 1)
         and conv.weight.dtype == torch.float32
         and x.dtype in (torch.float32, *_HALF)
     )
-
-
-def _output_shape(
-    x: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int]
-) -> tuple[int, int, int, int]:
-    size = [
-        (x.shape[2 + d] + 2 * padding[d] - dilation[d] * (weight.shape[2 + d] - 1) - 1) // stride[d]
-        + 1
-        for d in range(2)
-    ]
-    return x.shape[0], weight.shape[0], size[0], size[1]
 
 
 # The result in ``dtype``, channels-last, as eager autocast computes it.
@@ -69,13 +60,12 @@ def _forward_op(
     bias: Tensor | None,
     stride: list[int],
     padding: list[int],
-    dilation: list[int],
     groups: int,
     dtype: torch.dtype,
 ) -> Tensor:
     with torch.autocast(device_type="cpu", enabled=False):
         b = bias.to(dtype) if bias is not None else None
-        y = F.conv2d(x.to(dtype), weight.to(dtype), b, stride, padding, dilation, groups)
+        y = F.conv2d(x.to(dtype), weight.to(dtype), b, stride, padding, 1, groups)
     return y.contiguous(memory_format=torch.channels_last)
 
 
@@ -86,11 +76,14 @@ def _forward_fake(
     bias: Tensor | None,
     stride: list[int],
     padding: list[int],
-    dilation: list[int],
     groups: int,
     dtype: torch.dtype,
 ) -> Tensor:
-    shape = _output_shape(x, weight, stride, padding, dilation)
+    kernel = (weight.shape[2], weight.shape[3])
+    h, w = output_size(
+        x.shape[2], x.shape[3], kernel, (stride[0], stride[1]), (padding[0], padding[1])
+    )
+    shape = (x.shape[0], weight.shape[0], h, w)
     return x.new_empty(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
 
 
@@ -102,7 +95,6 @@ def _backward_op(
     weight: Tensor,
     stride: list[int],
     padding: list[int],
-    dilation: list[int],
     groups: int,
     dtype: torch.dtype,
     need_x: bool,
@@ -117,7 +109,7 @@ def _backward_op(
             [weight.shape[0]] if need_bias else None,
             stride,
             padding,
-            dilation,
+            [1, 1],
             False,
             [0, 0],
             groups,
@@ -137,7 +129,6 @@ def _backward_fake(
     weight: Tensor,
     stride: list[int],
     padding: list[int],
-    dilation: list[int],
     groups: int,
     dtype: torch.dtype,
     need_x: bool,
@@ -152,9 +143,9 @@ def _backward_fake(
 
 
 def _setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    x, weight, bias, stride, padding, dilation, groups, dtype = inputs
+    x, weight, bias, stride, padding, groups, dtype = inputs
     ctx.save_for_backward(x, weight)
-    ctx.args = (stride, padding, dilation, groups, dtype)
+    ctx.args = (stride, padding, groups, dtype)
     ctx.has_bias = bias is not None
 
 
@@ -164,7 +155,7 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     need_b = need_b and ctx.has_bias
     grads = _backward_op(grad, x, weight, *ctx.args, need_x, need_w, need_b)
     needs = (need_x, need_w, need_b)
-    return tuple(g if need else None for g, need in zip(grads, needs, strict=True)) + (None,) * 5
+    return tuple(g if need else None for g, need in zip(grads, needs, strict=True)) + (None,) * 4
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup)
